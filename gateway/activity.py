@@ -1,0 +1,51 @@
+"""This instance's view of lessons and breaks, for the gauges.
+
+The proxy notes every clock step it sees; the gauges are computed at scrape
+time (prometheus `set_function`), pruning students whose lesson and break
+are long over, so nothing runs per request beyond one dict write.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from .clock import ClockLimits
+
+
+class ActivityView:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        # key -> (lesson start, last seen activity, limits)
+        self._lessons: dict[str, tuple[float, float, ClockLimits]] = {}
+        # key -> end of the break we told the student to take
+        self._breaks: dict[str, float] = {}
+
+    def lesson(self, key: str, start: float, now: float, limits: ClockLimits) -> None:
+        self._lessons[key] = (start, now, limits)
+        self._breaks.pop(key, None)
+
+    def in_break(self, key: str, until: float) -> None:
+        self._breaks[key] = until
+        self._lessons.pop(key, None)
+
+    def active_lessons(self) -> int:
+        now = self._clock()
+        n = 0
+        for key, (start, last, lim) in list(self._lessons.items()):
+            end = min(start + lim.max_duration, last + lim.min_break)
+            if now < end:
+                n += 1
+            elif now > start + lim.max_duration + lim.min_break:
+                del self._lessons[key]
+        return n
+
+    def students_in_break(self) -> int:
+        now = self._clock()
+        n = 0
+        for key, until in list(self._breaks.items()):
+            if now < until:
+                n += 1
+            else:
+                del self._breaks[key]
+        return n

@@ -1,0 +1,307 @@
+"""Wiring: the one place that knows every part.
+
+`Gateway` owns each resource's lifetime (state store, upstream session,
+scheduler, policy watcher) through the main app's `cleanup_ctx`, exposes
+the main and admin aiohttp applications, and applies policy reloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from . import rules
+from .activity import ActivityView
+from .errors import PolicyError, StoreUnavailable
+from .identity import Pseudonymizer, make_identify
+from .live import LiveRegistry
+from .metrics import Metrics
+from .policy import Policy, load_policy, parse_policy
+from .proxy import Proxy, Runtime
+from .scheduler import Scheduler
+from .settings import Settings
+from .store.base import Cut, StateStore
+from .store.memory import MemoryStore
+
+log = logging.getLogger("tutorgate")
+
+STATUS_PATH = "/_tutorgate/status"
+
+
+class Gateway:
+    def __init__(self, settings: Settings, policy: Policy, *, store: StateStore | None = None,
+                 metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        secret = settings.id_secret or os.urandom(32)
+        self.pseudonym = Pseudonymizer(secret)
+        self.store = store or self._make_store()
+        self.live = LiveRegistry(self.store, self.metrics)
+        self.activity = ActivityView()
+        self.policy_dir = Path(settings.policy_path).parent if settings.policy_path else None
+        self.runtime = Runtime(policy, make_identify(policy.identity, self.pseudonym,
+                                                     self.policy_dir))
+        self.proxy = Proxy(self.runtime, self.store, self.metrics, self.live, self.activity,
+                           settings.upstream, max_body=settings.max_body,
+                           read_timeout=settings.read_timeout)
+        self.scheduler = Scheduler(self.metrics)
+        self._policy_stamp = self._stamp()
+        self.ready = False
+        self.metrics.active_lessons.set_function(self.activity.active_lessons)
+        self.metrics.students_in_break.set_function(self.activity.students_in_break)
+        self._show_policy(policy)
+
+    def _make_store(self) -> StateStore:
+        if self.settings.redis_url:
+            from .store.redis import RedisStore
+
+            def on_call(op: str, seconds: float, ok: bool) -> None:
+                self.metrics.store_latency.labels(op).observe(seconds)
+                if not ok:
+                    self.metrics.store_errors.labels(op).inc()
+                self.metrics.store_up.set(1 if ok else 0)
+
+            return RedisStore(self.settings.redis_url, on_call=on_call)
+        return MemoryStore()
+
+    # ------------------------------------------------------------ policy
+
+    @property
+    def policy(self) -> Policy:
+        return self.runtime.policy
+
+    def _show_policy(self, policy: Policy) -> None:
+        self.metrics.policy_info.clear()
+        self.metrics.policy_info.labels(str(policy.version), policy.sha).set(1)
+        until = policy.national.covered_until + dt.timedelta(days=1)
+        self.metrics.calendar_covered_until.set(
+            dt.datetime.combine(until, dt.time(0), tzinfo=dt.UTC).timestamp())
+
+    def apply_policy(self, policy: Policy) -> None:
+        """Swap the live policy: the next decision uses it. Open connections
+        get deadlines under it (reschedule_live)."""
+        identify = make_identify(policy.identity, self.pseudonym, self.policy_dir)
+        self.runtime = Runtime(policy, identify)
+        self.proxy.rt = self.runtime
+        self._show_policy(policy)
+        self.metrics.policy_reloads.inc()
+        if self.scheduler.aps.running:
+            self.scheduler.set_curfew_jobs(policy, self.curfew_cut)
+        log.info("policy applied: version=%s sha=%s", policy.version, policy.sha)
+        with contextlib.suppress(RuntimeError):
+            asyncio.get_running_loop().create_task(self.reschedule_live())
+
+    def reload_text(self, text: str, source: str) -> bool:
+        """Validate and apply; an invalid policy is refused and counted, and
+        the old one stays live."""
+        try:
+            policy = parse_policy(text, source, self._read_relative)
+        except PolicyError as e:
+            self.metrics.policy_reload_failures.inc()
+            for line in e.lines():
+                log.error("policy reload refused: %s", line)
+            return False
+        if policy.sha == self.policy.sha:
+            return True
+        self.apply_policy(policy)
+        return True
+
+    def _read_relative(self, rel: str) -> str:
+        base = self.policy_dir or Path(".")
+        return (base / rel).read_text(encoding="utf-8")
+
+    def reload_file(self) -> bool:
+        path = self.settings.policy_path
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            self.metrics.policy_reload_failures.inc()
+            log.error("policy reload refused: %s: cannot read: %s", path, e)
+            return False
+        return self.reload_text(text, path)
+
+    def _stamp(self) -> tuple[float, int] | None:
+        try:
+            st = os.stat(self.settings.policy_path)
+        except OSError:
+            return None
+        return st.st_mtime, st.st_size
+
+    async def watch_policy(self) -> None:
+        stamp = self._stamp()
+        if stamp is not None and stamp != self._policy_stamp:
+            self._policy_stamp = stamp
+            self.reload_file()
+
+    async def reschedule_live(self) -> None:
+        """Recompute every open lesson connection's deadline under the live
+        policy and the shared clock; cut those the policy now forbids."""
+        policy = self.policy
+        for key in list(self.live.by_key):
+            conns = self.live.by_key.get(key)
+            if not conns:
+                continue
+            sample = next(iter(conns))
+            if sample.student is None or sample.route is None:
+                continue
+            try:
+                state, now = await self.store.peek(key)
+            except StoreUnavailable:
+                return
+            pre = rules.precheck(policy, sample.route, sample.student, now)
+            if isinstance(pre, rules.Decision):
+                rule = "curfew" if pre.rule == rules.CURFEW else "policy"
+                await self.store.publish_cut(Cut(key, rule, self.settings.instance_name))
+                continue
+            step_end = state.start + pre.limits.max_duration
+            deadline, rule = step_end, "lesson_limit"
+            if now + pre.until_curfew < deadline:
+                deadline, rule = now + pre.until_curfew, "curfew"
+            for c in list(conns):
+                self.live.schedule(c, deadline, rule)
+
+    # ------------------------------------------------------------ timed work
+
+    async def curfew_cut(self) -> None:
+        """Backstop for the per-connection timers: at a curfew start, cut
+        every connection whose profile is now inside its curfew."""
+        now = time.time()
+        for conn in self.live.all():
+            if conn.student is None:
+                continue
+            profile = self.policy.profile(conn.student.region, None)
+            inside, _, _ = rules.curfew_times(profile, now)
+            if inside:
+                await self.live.cut(conn, "curfew", late_of=None)
+
+    async def calendar_upkeep(self) -> None:
+        policy = self.policy
+        until = policy.national.covered_until
+        self._show_policy(policy)
+        left = (until - dt.date.today()).days
+        if left < 30:
+            log.warning("the holiday calendar's data ends on %s (%d days): add the next "
+                        "year's calendar file to the policy (rest_days.calendar_files)",
+                        until, left)
+
+    # ------------------------------------------------------------ apps
+
+    async def _lifetime(self, app: web.Application) -> AsyncIterator[None]:
+        start = getattr(self.store, "start", None)
+        if start is not None:
+            await start()
+        await self.proxy.start(self.settings.pool_size)
+        await self.store.subscribe_cuts(self.live.on_cut)
+        self.scheduler.every("lease-renewal", 10, self.live.renew_leases)
+        self.scheduler.every("policy-watch", 1, self.watch_policy)
+        self.scheduler.daily("calendar-upkeep", 0, 5, 0, self.policy.model.timezone,
+                             self.calendar_upkeep)
+        self.scheduler.set_curfew_jobs(self.policy, self.curfew_cut)
+        self.scheduler.start()
+        await self.calendar_upkeep()
+        self.ready = True
+        try:
+            yield
+        finally:
+            self.ready = False
+            self.scheduler.shutdown()
+            await self.live.close_all("shutdown")
+            await self.proxy.close()
+            await self.store.close()
+
+    def main_app(self) -> web.Application:
+        # auto_decompress=False: gzip bodies pass through as they are (NOTES.md)
+        app = web.Application(handler_args={"auto_decompress": False},
+                              client_max_size=1024 ** 4)
+        app.cleanup_ctx.append(self._lifetime)
+        app.router.add_route("GET", STATUS_PATH, self.status)
+        app.router.add_route("*", "/{tail:.*}", self.proxy.handle)
+        return app
+
+    def admin_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics_view)
+        return app
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        if not self.ready:
+            return web.json_response({"status": "starting"}, status=503)
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        try:
+            ok = await asyncio.wait_for(self.store.ping(), 1.0)
+        except (TimeoutError, StoreUnavailable):
+            ok = False
+        self.metrics.store_up.set(1 if ok else 0)
+        body = {"store": self.store.kind, "store_ok": ok, "policy_sha": self.policy.sha}
+        return web.json_response(body, status=200 if ok and self.ready else 503)
+
+    async def metrics_view(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.metrics.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def status(self, request: web.Request) -> web.Response:
+        """The student's clock, for the platform's countdown UI."""
+        from .status import student_status
+        return await student_status(self, request)
+
+
+async def serve(settings: Settings, policy: Policy) -> int:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads the policy."""
+    gw = Gateway(settings, policy)
+    if gw.store.kind == "memory":
+        log.info("state store: in process memory (one instance only; state is lost on exit)")
+    else:
+        log.info("state store: redis (shared by every instance on it)")
+    main_runner = web.AppRunner(gw.main_app(), access_log=None, shutdown_timeout=settings.grace,
+                                handle_signals=False)
+    admin_runner = web.AppRunner(gw.admin_app(), access_log=None, handle_signals=False)
+    await main_runner.setup()
+    await admin_runner.setup()
+    main_site = web.TCPSite(main_runner, *settings.listen, backlog=1024, reuse_address=True)
+    admin_site = web.TCPSite(admin_runner, *settings.admin_listen, reuse_address=True)
+    await main_site.start()
+    await admin_site.start()
+    log.info("serving on http://%s:%d -> %s (admin http://%s:%d, policy %s sha=%s)",
+             *settings.listen, settings.upstream, *settings.admin_listen,
+             settings.policy_path, policy.sha)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, gw.reload_file)
+    await stop.wait()
+    log.info("shutting down: closing live connections (1001), draining for up to %.0fs",
+             settings.grace)
+    gw.proxy.draining = True
+    await gw.live.close_all("shutdown")
+    await main_runner.cleanup()
+    await admin_runner.cleanup()
+    return 0
+
+
+def status_json(payload: dict[str, object]) -> web.Response:
+    return web.Response(text=json.dumps(payload), content_type="application/json",
+                        headers={"Cache-Control": "no-store"})
+
+
+def whole(seconds: float | None) -> int | None:
+    return None if seconds is None else max(math.floor(seconds), 0)
+
+
+__all__ = ["Gateway", "load_policy", "serve"]

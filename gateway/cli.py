@@ -1,0 +1,345 @@
+"""The `tutorgate` command: a thin layer over settings, policy and app."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import PolicyError
+from .policy import Policy, load_policy
+from .settings import Settings, env, parse_hostport
+
+log = logging.getLogger("tutorgate")
+
+EXIT_INVALID = 2
+EXIT_CALENDAR_GAP = 3
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # APScheduler narrates every job run at INFO; its failures still show.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def _use_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - optional on exotic platforms
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def _fail(msg: str, code: int = EXIT_INVALID) -> int:
+    print(f"tutorgate: {msg}", file=sys.stderr)
+    return code
+
+
+def _load(path: str) -> Policy | int:
+    try:
+        return load_policy(path)
+    except PolicyError as e:
+        for line in e.lines():
+            print(line, file=sys.stderr)
+        return EXIT_INVALID
+
+
+# ---------------------------------------------------------------- serve
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    policy_path = a.policy or env("TUTORGATE_POLICY")
+    upstream = a.upstream or env("TUTORGATE_UPSTREAM")
+    if not policy_path:
+        return _fail("serve needs --policy FILE (or TUTORGATE_POLICY)")
+    if not upstream:
+        return _fail("serve needs --upstream URL (or TUTORGATE_UPSTREAM)")
+    try:
+        listen = parse_hostport(a.listen or env("TUTORGATE_LISTEN") or "127.0.0.1:8080")
+        admin = parse_hostport(a.admin_listen or env("TUTORGATE_ADMIN_LISTEN") or "127.0.0.1:9100")
+    except ValueError as e:
+        return _fail(str(e))
+    redis_url = a.redis or env("TUTORGATE_REDIS_URL")
+    secret = env("TUTORGATE_ID_SECRET")
+    if redis_url and not secret:
+        return _fail("TUTORGATE_ID_SECRET is required with --redis: student pseudonyms must "
+                     "agree across instances and restarts")
+    policy = _load(policy_path)
+    if isinstance(policy, int):
+        return policy
+    _setup_logging(a.log_level)
+    if not secret:
+        log.warning("TUTORGATE_ID_SECRET is not set: using a random key (memory mode only; "
+                    "pseudonyms change on restart)")
+    gap = _calendar_gap(policy)
+    if gap is not None:
+        if policy.model.rest_days.calendar_gap == "refuse":
+            return _fail(gap)
+        log.warning("%s", gap)
+    max_body = env("TUTORGATE_MAX_BODY")
+    settings = Settings(
+        policy_path=policy_path, upstream=upstream, listen=listen, admin_listen=admin,
+        redis_url=redis_url, id_secret=secret.encode() if secret else None,
+        max_body=int(max_body) if max_body else None, instance=env("TUTORGATE_INSTANCE") or "")
+    from .app import serve
+    _use_uvloop()
+    try:
+        return asyncio.run(serve(settings, policy))
+    except OSError as e:
+        return _fail(f"cannot listen: {e}", 1)
+
+
+def _calendar_gap(policy: Policy) -> str | None:
+    """A warning when today lies beyond the national calendar's data."""
+    if not policy.model.rest_days.statutory_holidays:
+        return None
+    today = dt.date.today()
+    if policy.national.covers(today):
+        return None
+    return (f"the holiday calendar has no data for {today.year} (it ends "
+            f"{policy.national.covered_until}): statutory holidays are not known; add "
+            f"rest_days.calendar_files for {today.year}")
+
+
+# ---------------------------------------------------------------- check
+
+def cmd_check(a: argparse.Namespace) -> int:
+    try:
+        policy = load_policy(a.file)
+    except PolicyError as e:
+        if a.format == "json":
+            print(json.dumps({"valid": False, "errors": [
+                {"path": p, "message": m, "line": ln} for p, m, ln in e.problems]}, indent=2))
+        for line in e.lines():
+            print(line, file=sys.stderr if a.format == "json" else sys.stdout)
+        return EXIT_INVALID
+    from .summary import summarize
+    summary = summarize(policy, dt.date.today())
+    if a.format == "json":
+        print(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
+    else:
+        print(render_summary(summary))
+    return 0
+
+
+def render_summary(s: dict[str, Any]) -> str:
+    from .summary import render
+    return render(s)
+
+
+# ---------------------------------------------------------------- demo
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    _setup_logging(a.log_level)
+    listen = parse_hostport(a.listen or env("TUTORGATE_LISTEN") or "127.0.0.1:8080")
+    admin = parse_hostport(a.admin_listen or env("TUTORGATE_ADMIN_LISTEN") or "127.0.0.1:9100")
+    from .demo.run import run_demo
+    _use_uvloop()
+    return asyncio.run(run_demo(listen, admin))
+
+
+def cmd_demo_upstream(a: argparse.Namespace) -> int:
+    _setup_logging(a.log_level)
+    listen = parse_hostport(a.listen, default_host="0.0.0.0")
+    from .demo.site import run_site
+    _use_uvloop()
+    return asyncio.run(run_site(listen))
+
+
+# ---------------------------------------------------------------- explain, calendar
+
+def _parse_at(value: str, policy: Policy) -> dt.datetime:
+    t = dt.datetime.fromisoformat(value)
+    if t.tzinfo is None:  # a local time in the policy's zone
+        from zoneinfo import ZoneInfo
+        t = t.replace(tzinfo=ZoneInfo(policy.model.timezone))
+    return t
+
+
+def cmd_explain(a: argparse.Namespace) -> int:
+    from .explain import explain
+    policy = _load(a.policy)
+    if isinstance(policy, int):
+        return policy
+    try:
+        at = _parse_at(a.at, policy)
+        started = _parse_at(a.lesson_started, policy) if a.lesson_started else None
+    except ValueError as e:
+        return _fail(f"--at/--lesson-started: not ISO 8601: {e}")
+    if started is not None and started > at:
+        return _fail("--lesson-started is after --at")
+    if not a.path.startswith("/"):
+        return _fail("--path must start with /")
+    try:
+        result = explain(policy, a.path, at, grade=a.grade, region=a.region,
+                         lesson_started=started)
+    except ValueError as e:
+        return _fail(str(e))
+    if a.format == "json":
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        from .explain import render
+        print(render(result, a.path, at))
+    return 0
+
+
+def cmd_calendar(a: argparse.Namespace) -> int:
+    from .explain import calendar_year
+    policy = _load(a.policy)
+    if isinstance(policy, int):
+        return policy
+    if not 1900 <= a.year <= 2200:
+        return _fail(f"year {a.year} is out of range")
+    days, gap = calendar_year(policy, a.year, a.region)
+    if a.format == "json":
+        print(json.dumps(days, ensure_ascii=False))
+    else:
+        for d in days:
+            print(f"{d['date']}  {d['reason']:<8}  {d['name']}")
+        print(f"{len(days)} days closed to subject classes in {a.year}")
+    if gap:
+        print(f"tutorgate: the national calendar has no data for {a.year} "
+              f"(it ends {policy.national.covered_until}); statutory holidays are missing "
+              "above: add rest_days.calendar_files", file=sys.stderr)
+        return EXIT_CALENDAR_GAP
+    return 0
+
+
+# ---------------------------------------------------------------- policy push, audit
+
+def cmd_policy_push(a: argparse.Namespace) -> int:
+    policy = _load(a.file)
+    if isinstance(policy, int):
+        return policy
+    redis_url = a.redis or env("TUTORGATE_REDIS_URL")
+    if not redis_url:
+        return _fail("policy push needs --redis URL")
+    from .fleet import push_policy
+    try:
+        n = asyncio.run(push_policy(redis_url, Path(a.file).read_text(encoding="utf-8")))
+    except Exception as e:
+        return _fail(f"could not push to Redis: {e}", 1)
+    print(f"pushed policy sha={policy.sha} version={policy.version}; "
+          f"{n} instance(s) listening")
+    return 0
+
+
+def cmd_audit(a: argparse.Namespace) -> int:
+    from .audit import run_audit_command
+    return run_audit_command(a)
+
+
+# ---------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tutorgate",
+        description="A reverse proxy that enforces the Double Reduction rules for online "
+                    "training per student: 30-minute lessons, 10-minute breaks, a nightly "
+                    "curfew, no subject classes on rest days, nothing for preschoolers, no "
+                    "photo search.")
+    p.add_argument("--version", action="version", version=f"tutorgate {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("serve", help="run the gateway in front of an upstream",
+                       description="Run the gateway. Every option also reads an environment "
+                                   "variable (shown in brackets).")
+    s.add_argument("--policy", help="policy YAML file [TUTORGATE_POLICY]")
+    s.add_argument("--upstream", help="upstream base URL, e.g. http://127.0.0.1:8000 "
+                                      "[TUTORGATE_UPSTREAM]")
+    s.add_argument("--listen", help="HOST:PORT for students (default 127.0.0.1:8080) "
+                                    "[TUTORGATE_LISTEN]")
+    s.add_argument("--admin-listen", help="HOST:PORT for /healthz /readyz /metrics "
+                                          "(default 127.0.0.1:9100) [TUTORGATE_ADMIN_LISTEN]")
+    s.add_argument("--redis", help="Redis URL for shared state; without it state is kept in "
+                                   "process memory (one instance) [TUTORGATE_REDIS_URL]")
+    s.add_argument("--log-level", default="INFO")
+    s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("check", help="validate a policy and summarize what it enforces",
+                       description="Validate a policy file: exit 0 and a summary if valid, "
+                                   "exit 2 and one line per problem if not.")
+    c.add_argument("file")
+    c.add_argument("--format", choices=("text", "json"), default="text")
+    c.set_defaults(func=cmd_check)
+
+    d = sub.add_parser("demo", help="a demo tutoring site behind the gateway (in memory)",
+                       description="Start a demo tutoring site behind the gateway on the "
+                                   "embedded in-memory store, with short lessons, and print "
+                                   "its URL.")
+    d.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:8080)")
+    d.add_argument("--admin-listen", help="HOST:PORT (default 127.0.0.1:9100)")
+    d.add_argument("--log-level", default="INFO")
+    d.set_defaults(func=cmd_demo)
+
+    du = sub.add_parser("demo-upstream", help="only the demo tutoring site (no gateway)")
+    du.add_argument("--listen", default="0.0.0.0:8000")
+    du.add_argument("--log-level", default="INFO")
+    du.set_defaults(func=cmd_demo_upstream)
+
+    e = sub.add_parser("explain", help="what would happen to a request, and why",
+                       description="Decide one request offline (an identified student) and "
+                                   "show every rule checked. Exit 0 when it could answer.")
+    e.add_argument("--policy", required=True)
+    e.add_argument("--path", required=True)
+    e.add_argument("--at", required=True, help="ISO 8601 time (no offset = policy time zone)")
+    e.add_argument("--grade")
+    e.add_argument("--region")
+    e.add_argument("--lesson-started", help="ISO 8601 start of the lesson in progress")
+    e.add_argument("--format", choices=("text", "json"), default="text")
+    e.set_defaults(func=cmd_explain)
+
+    cal = sub.add_parser("calendar", help="days closed to subject classes in a year",
+                         description="List the days of YEAR when subject classes are not "
+                                     "allowed, and why. Exit 3 if the calendar lacks data.")
+    cal.add_argument("year", type=int)
+    cal.add_argument("--policy", required=True)
+    cal.add_argument("--region")
+    cal.add_argument("--format", choices=("text", "json"), default="text")
+    cal.set_defaults(func=cmd_calendar)
+
+    pol = sub.add_parser("policy", help="fleet policy operations")
+    psub = pol.add_subparsers(dest="policy_command", metavar="ACTION", required=True)
+    push = psub.add_parser("push", help="publish a policy to every instance on a Redis",
+                           description="Validate FILE and publish it: every gateway on that "
+                                       "Redis switches to it within a second.")
+    push.add_argument("file")
+    push.add_argument("--redis")
+    push.set_defaults(func=cmd_policy_push)
+
+    au = sub.add_parser("audit", help="the regulator's audit trail")
+    asub = au.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
+    ex = asub.add_parser("export", help="audit events, oldest first")
+    ex.add_argument("--redis")
+    ex.add_argument("--since")
+    ex.add_argument("--until")
+    ex.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    ex.set_defaults(func=cmd_audit)
+    rep = asub.add_parser("report", help="a day's compliance summary")
+    rep.add_argument("--redis")
+    rep.add_argument("--day", required=True)
+    rep.add_argument("--format", choices=("text", "json"), default="text")
+    rep.set_defaults(func=cmd_audit)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rc: int = args.func(args)
+    return rc
+
+
+def entry() -> None:  # pragma: no cover
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The demo tutoring site and `tutorgate demo`."""

@@ -1,0 +1,145 @@
+"""Open lesson connections (WebSockets, streams) and their cut-offs.
+
+Each connection carries a deadline computed from the shared clock (lesson
+start + max_duration, the curfew start, the daily limit), so every instance
+holding the same student's connections cuts them at the same moment. A
+deadline is one `loop.call_at` timer: a heap entry in the event loop, which
+holds up at 10,000 connections where one APScheduler job each would not
+(NOTES.md: 10k date jobs take ~0.7 s just to add). Revocations that no
+deadline predicts (a policy reload) come through the store's pub/sub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .metrics import Metrics
+from .policy import Route
+from .rules import Student
+from .store.base import Cut, StateStore
+
+log = logging.getLogger("tutorgate.live")
+
+Kind = Literal["websocket", "stream"]
+# WebSocket close codes for cut-offs (4000-4999 is the application range).
+CLOSE_CODES = {"lesson_limit": 4001, "curfew": 4002, "daily_limit": 4003, "policy": 4004,
+               "shutdown": 1001}
+# Cuts that enforce a rule (counted); "shutdown" is not enforcement.
+ENFORCING = frozenset({"lesson_limit", "curfew", "daily_limit", "policy"})
+
+_ids = itertools.count()
+_INSTANCE_TAG = os.urandom(4).hex()
+
+
+def new_conn_id() -> str:
+    """Unique across instances: connection leases share one Redis zset."""
+    return f"{_INSTANCE_TAG}-{next(_ids)}"
+
+
+@dataclass(eq=False)
+class LiveConn:
+    key: str
+    conn_id: str
+    kind: Kind
+    close: Callable[[str], Awaitable[None]]   # cut with this rule code
+    deadline: float = 0.0                      # Unix time
+    rule: str = "lesson_limit"
+    held: bool = True                          # holds a lease in the store
+    student: Student | None = None             # to recompute deadlines on a reload
+    route: Route | None = None
+    timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+    cutting: bool = False
+
+
+class LiveRegistry:
+    """This instance's open lesson connections, by student."""
+
+    def __init__(self, store: StateStore, metrics: Metrics) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.by_key: dict[str, set[LiveConn]] = {}
+        # Pass-through WebSockets: no deadline, but closed with 1001 on shutdown.
+        self.untracked: set[tuple[Any, Any]] = set()
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.by_key.values())
+
+    def add(self, conn: LiveConn, deadline: float, rule: str) -> None:
+        self.by_key.setdefault(conn.key, set()).add(conn)
+        self.metrics.open_connections.labels(conn.kind).inc()
+        self.schedule(conn, deadline, rule)
+
+    def schedule(self, conn: LiveConn, deadline: float, rule: str) -> None:
+        """(Re)arm the cut-off; call_at runs on the loop's monotonic clock."""
+        if conn.timer is not None:
+            conn.timer.cancel()
+        conn.deadline, conn.rule = deadline, rule
+        loop = asyncio.get_running_loop()
+        when = loop.time() + max(deadline - time.time(), 0.0)
+        conn.timer = loop.call_at(when, self._fire, conn)
+
+    def _fire(self, conn: LiveConn) -> None:
+        conn.timer = None
+        asyncio.get_running_loop().create_task(self.cut(conn, conn.rule, late_of=conn.deadline))
+
+    async def cut(self, conn: LiveConn, rule: str, late_of: float | None = None) -> None:
+        if conn.cutting:
+            return
+        conn.cutting = True
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+        try:
+            await conn.close(rule)
+        except Exception:  # a broken socket must not stop the other cuts
+            log.exception("closing a %s connection failed", conn.kind)
+        if rule in ENFORCING:
+            self.metrics.connections_cut.labels(rule, conn.kind).inc()
+        if late_of is not None:
+            self.metrics.cut_lateness.observe(max(time.time() - late_of, 0.0))
+
+    async def discard(self, conn: LiveConn) -> None:
+        """The connection ended (either side): forget it, release its lease."""
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+        conns = self.by_key.get(conn.key)
+        if conns is None or conn not in conns:
+            return
+        conns.discard(conn)
+        if not conns:
+            del self.by_key[conn.key]
+        self.metrics.open_connections.labels(conn.kind).dec()
+        if conn.held:
+            try:
+                await self.store.release(conn.key, conn.conn_id)
+            except Exception:  # lease expires by itself (LEASE_SECONDS)
+                log.warning("could not release a connection lease; it will expire")
+
+    async def on_cut(self, cut: Cut) -> None:
+        """A cut published by any instance: close this student's connections."""
+        for conn in list(self.by_key.get(cut.key, ())):
+            await self.cut(conn, cut.rule)
+
+    async def renew_leases(self) -> None:
+        pairs = [(c.key, c.conn_id) for conns in self.by_key.values() for c in conns if c.held]
+        if pairs:
+            await self.store.renew(pairs)
+
+    async def close_all(self, rule: str) -> None:
+        """Shutdown: close everything (WebSockets get 1001 from their closer)."""
+        await asyncio.gather(*(self.cut(c, rule) for conns in list(self.by_key.values())
+                               for c in list(conns)), return_exceptions=True)
+        await asyncio.gather(*(side.close(code=1001, message=b"going away")
+                               for pair in list(self.untracked) for side in pair),
+                             return_exceptions=True)
+
+    def all(self) -> list[LiveConn]:
+        return [c for conns in self.by_key.values() for c in conns]

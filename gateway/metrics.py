@@ -1,0 +1,97 @@
+"""Every Prometheus object tutorgate exports, in one place.
+
+Labels are bounded on purpose (regulators read these, and a per-student
+label would both leak and explode): rule codes, categories, decisions,
+connection kinds, job names, and regions from the policy's closed list
+("base" for students without one, "other" for codes the policy lacks).
+Never an id, an IP or a raw path.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+# The *_created series double the exposition for no regulator's question.
+disable_created_metrics()
+
+# Lesson lengths around the 30-minute limit get fine buckets: a regulator
+# asks "what share of lessons stayed within 30 minutes".
+LESSON_BUCKETS = (60, 300, 600, 900, 1200, 1500, 1740, 1800, 1830, 1860, 2400, 3600, 7200)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+LATENESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class Metrics:
+    """One instance per process (or per test app, on its own registry)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.decisions = Counter(
+            "tutorgate_decisions_total",
+            "Decisions on enforced routes (decision=allow|deny|shadow_deny).",
+            ["decision", "rule", "category", "region"], registry=r)
+        self.connections_cut = Counter(
+            "tutorgate_connections_cut_total",
+            "Live lesson connections (WebSockets, streams) closed by the gateway.",
+            ["rule", "kind"], registry=r)
+        self.active_lessons = Gauge(
+            "tutorgate_active_lessons",
+            "Students with a lesson in progress, as this instance has seen them.", registry=r)
+        self.students_in_break = Gauge(
+            "tutorgate_students_in_break",
+            "Students this instance saw whose break is not over yet.", registry=r)
+        self.open_connections = Gauge(
+            "tutorgate_open_lesson_connections",
+            "Open lesson connections on this instance.", ["kind"], registry=r)
+        self.lessons_started = Counter(
+            "tutorgate_lessons_started_total", "Lessons started.", ["region"], registry=r)
+        self.lesson_duration = Histogram(
+            "tutorgate_lesson_duration_seconds",
+            "How long finished lessons really lasted (start to last activity or cut).",
+            ["region"], buckets=LESSON_BUCKETS, registry=r)
+        self.breaks_honoured = Counter(
+            "tutorgate_breaks_total",
+            "Breaks between lessons, by whether the next lesson waited min_break.",
+            ["honoured"], registry=r)
+        self.upstream_latency = Histogram(
+            "tutorgate_upstream_latency_seconds",
+            "Time to the upstream's response headers.", ["route"],
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.upstream_errors = Counter(
+            "tutorgate_upstream_errors_total",
+            "Upstream unreachable, broken or timed out.", ["reason"], registry=r)
+        self.store_latency = Histogram(
+            "tutorgate_store_latency_seconds", "State store call latency.", ["op"],
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.store_errors = Counter(
+            "tutorgate_store_errors_total", "State store calls that failed.", ["op"], registry=r)
+        self.store_up = Gauge(
+            "tutorgate_store_up", "1 when the state store answered its last call.", registry=r)
+        self.fail_open = Counter(
+            "tutorgate_fail_open_total",
+            "Lesson requests let through unchecked because the state store was down "
+            "and the policy says fail_open.", ["category"], registry=r)
+        self.policy_info = Gauge(
+            "tutorgate_policy_info", "The live policy (value 1).", ["version", "sha"], registry=r)
+        self.policy_reloads = Counter(
+            "tutorgate_policy_reloads_total", "Policies applied after start.", registry=r)
+        self.policy_reload_failures = Counter(
+            "tutorgate_policy_reload_failures_total",
+            "Reloads refused (invalid policy); the old one stayed live.", registry=r)
+        self.calendar_covered_until = Gauge(
+            "tutorgate_calendar_covered_until_timestamp",
+            "Unix time of the end of the last day the holiday calendar covers.", registry=r)
+        self.unknown_region = Counter(
+            "tutorgate_unknown_region_total",
+            "Requests whose region code the policy does not list (base policy used).", registry=r)
+        self.scheduler_failures = Counter(
+            "tutorgate_scheduler_job_failures_total", "Scheduled jobs that raised.", ["job"],
+            registry=r)
+        self.cut_lateness = Histogram(
+            "tutorgate_cut_lateness_seconds",
+            "Actual close time of a cut connection minus its deadline.",
+            buckets=LATENESS_BUCKETS, registry=r)
+        self.audit_failures = Counter(
+            "tutorgate_audit_write_failures_total", "Audit events that could not be written.",
+            registry=r)

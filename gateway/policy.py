@@ -1,0 +1,565 @@
+"""The policy: YAML text -> validated, immutable `Policy`.
+
+`parse_policy(text, source)` is shared by the server, its reloads and the
+offline `tutorgate check`, so they can never disagree. Every problem is
+reported with its field path and line (`PolicyError`). The parsed policy is
+compiled once into one `Profile` per (region, stage), so a request only
+does a dict lookup.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .calendar import CalendarYear, Holiday, NationalCalendar, RestCalendar, Vacation
+from .errors import PolicyError
+
+# ---------------------------------------------------------------- scalars
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h)\s*$")
+_UNIT = {"s": 1, "m": 60, "h": 3600}
+_TIME = re.compile(r"^(\d{1,2}):(\d{2})(?::(\d{2}))?$")
+
+
+def parse_duration(value: Any) -> int:
+    """"90s" / "30m" / "1h" -> seconds."""
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise ValueError(f"a duration is an integer with a unit s, m or h (e.g. 30m), got {value!r}")
+    m = _DURATION.match(value)
+    if not m:
+        raise ValueError(f"a duration is an integer with a unit s, m or h (e.g. 30m), got {value!r}")
+    return int(m.group(1)) * _UNIT[m.group(2)]
+
+
+def parse_time(value: Any) -> dt.time:
+    """"HH:MM" or "HH:MM:SS" -> time. Unquoted YAML times arrive as ints."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise ValueError(
+            "times must be quoted strings: YAML reads an unquoted 23:00 as a number; "
+            'write "23:00"')
+    if not isinstance(value, str):
+        raise ValueError(f'a time is a quoted "HH:MM" or "HH:MM:SS", got {value!r}')
+    m = _TIME.match(value.strip())
+    if not m:
+        raise ValueError(f'a time is "HH:MM" or "HH:MM:SS", got {value!r}')
+    h, mi, s = int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+    if h > 23 or mi > 59 or s > 59:
+        raise ValueError(f"{value!r} is not a time of day (00:00 to 23:59:59)")
+    return dt.time(h, mi, s)
+
+
+def parse_date(value: Any) -> dt.date:
+    if isinstance(value, dt.datetime):
+        raise ValueError(f"a date is YYYY-MM-DD, got a date and time {value!r}")
+    if isinstance(value, dt.date):
+        return value
+    if isinstance(value, str):
+        try:
+            return dt.date.fromisoformat(value.strip())
+        except ValueError:
+            pass
+    raise ValueError(f"a date is YYYY-MM-DD, got {value!r}")
+
+
+def parse_zone(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"a time zone is an IANA name such as Asia/Shanghai, got {value!r}")
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {value!r} (use an IANA name such as Asia/Shanghai)")
+    return value
+
+
+Duration = Annotated[int, BeforeValidator(parse_duration)]
+TimeOfDay = Annotated[dt.time, BeforeValidator(parse_time)]
+Date = Annotated[dt.date, BeforeValidator(parse_date)]
+Zone = Annotated[str, BeforeValidator(parse_zone)]
+
+# Rule codes a policy may shadow (identity and forbidden features included:
+# an operator may trial a new forbidden route before enforcing it).
+SHADOWABLE = ("forbidden_feature", "identity_required", "bad_identity", "preschool", "curfew",
+              "rest_day", "daily_limit", "break_required")
+ShadowRule = Literal["forbidden_feature", "identity_required", "bad_identity", "preschool",
+                     "curfew", "rest_day", "daily_limit", "break_required"]
+Stage = Literal["primary", "junior", "senior"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- sections
+
+class JwtSettings(_Model):
+    algorithm: Literal["HS256", "RS256"] = "HS256"
+    key_file: str | None = None   # relative to the policy file
+    key_env: str | None = None    # name of an environment variable holding the key
+    cookie: str | None = None     # read the token from this cookie when no bearer header
+    student_claim: str = "sub"
+    grade_claim: str = "grade"
+    region_claim: str = "region"
+    audience: str | None = None
+    issuer: str | None = None
+    leeway: Duration = 0
+
+    @model_validator(mode="after")
+    def _one_key(self) -> JwtSettings:
+        if (self.key_file is None) == (self.key_env is None):
+            raise ValueError("give exactly one of key_file or key_env")
+        return self
+
+
+class IdentitySettings(_Model):
+    source: Literal["header", "jwt"] = "header"
+    student_header: str = "X-Student-Id"
+    grade_header: str = "X-Student-Grade"
+    region_header: str = "X-Student-Region"
+    jwt: JwtSettings | None = None
+
+    @model_validator(mode="after")
+    def _jwt_needs_settings(self) -> IdentitySettings:
+        if self.source == "jwt" and self.jwt is None:
+            raise ValueError("source: jwt needs a jwt: section (algorithm, key_file or key_env)")
+        return self
+
+
+class LessonSettings(_Model):
+    max_duration: Duration = 1800
+    min_break: Duration = 600
+
+    @field_validator("max_duration", "min_break")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError("must be > 0s")
+        return v
+
+
+class LessonOverride(_Model):
+    max_duration: Duration | None = None
+    min_break: Duration | None = None
+
+    @field_validator("max_duration", "min_break")
+    @classmethod
+    def _positive(cls, v: int | None) -> int | None:
+        if v is not None and v <= 0:
+            raise ValueError("must be > 0s")
+        return v
+
+
+class CurfewSettings(_Model):
+    start: TimeOfDay = dt.time(23, 0)
+    end: TimeOfDay = dt.time(6, 0)
+
+    @model_validator(mode="after")
+    def _not_equal(self) -> CurfewSettings:
+        if self.start == self.end:
+            raise ValueError("curfew start and end are equal: the window would be empty or total")
+        return self
+
+
+class VacationSettings(_Model):
+    name: str = Field(min_length=1)
+    start: Date
+    end: Date
+
+    @model_validator(mode="after")
+    def _ordered(self) -> VacationSettings:
+        if self.end < self.start:
+            raise ValueError(f"vacation {self.name!r} ends ({self.end}) before it starts ({self.start})")
+        return self
+
+
+class RestDaysSettings(_Model):
+    weekends: bool = True
+    statutory_holidays: bool = True
+    extra_holidays: tuple[Date, ...] = ()
+    extra_workdays: tuple[Date, ...] = ()
+    vacations: tuple[VacationSettings, ...] = (
+        VacationSettings(name="winter", start=dt.date(2027, 1, 23), end=dt.date(2027, 2, 21)),)
+    calendar_files: tuple[str, ...] = ()
+    # Stricter reading of 调休: official make-up working days stay rest days.
+    makeup_days_are_rest_days: bool = False
+    # What to do when a date lies beyond the national calendar's data.
+    calendar_gap: Literal["warn", "refuse"] = "warn"
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> RestDaysSettings:
+        both = sorted(set(self.extra_holidays) & set(self.extra_workdays))
+        if both:
+            raise ValueError("dates in both extra_holidays and extra_workdays: "
+                             + ", ".join(d.isoformat() for d in both))
+        return self
+
+
+class RestDaysOverride(_Model):
+    """A region's rest days: each key given replaces the base's."""
+
+    weekends: bool | None = None
+    statutory_holidays: bool | None = None
+    extra_holidays: tuple[Date, ...] | None = None
+    extra_workdays: tuple[Date, ...] | None = None
+    vacations: tuple[VacationSettings, ...] | None = None
+    makeup_days_are_rest_days: bool | None = None
+
+
+class RouteSettings(_Model):
+    prefix: str = Field(min_length=1)
+    kind: Literal["lesson", "forbidden"]
+    category: Literal["subject", "non_subject"] | None = None
+    feature: str | None = None
+    # Idle read timeout upstream; streams and WebSockets want None (no limit).
+    read_timeout: Duration | None = None
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> RouteSettings:
+        if not self.prefix.startswith("/"):
+            raise ValueError(f"prefix must start with '/', got {self.prefix!r}")
+        if self.kind == "lesson" and self.category is None:
+            raise ValueError("a lesson route needs category: subject or non_subject")
+        if self.kind == "forbidden" and self.category is not None:
+            raise ValueError("a forbidden route has no category (it is denied to everyone)")
+        return self
+
+
+class StageSettings(_Model):
+    lesson: LessonOverride | None = None
+    daily_max: Duration | None = None
+
+
+class RegionSettings(_Model):
+    timezone: Zone | None = None
+    curfew: CurfewSettings | None = None
+    rest_days: RestDaysOverride | None = None
+    lesson: LessonOverride | None = None
+    daily_max: Duration | None = None
+
+
+class PolicyModel(_Model):
+    version: Literal[1]
+    timezone: Zone = "Asia/Shanghai"
+    mode: Literal["enforce", "shadow"] = "enforce"
+    shadow_rules: tuple[ShadowRule, ...] = ()
+    failure_mode: Literal["fail_closed", "fail_open"] = "fail_closed"
+    identity: IdentitySettings = IdentitySettings()
+    lesson: LessonSettings = LessonSettings()
+    daily_max: Duration | None = None
+    curfew: CurfewSettings = CurfewSettings()
+    rest_days: RestDaysSettings = RestDaysSettings()
+    regions: dict[str, RegionSettings] = {}
+    stages: dict[Stage, StageSettings] = {}
+    routes: tuple[RouteSettings, ...]
+
+    @field_validator("regions", mode="before")
+    @classmethod
+    def _region_keys(cls, v: Any) -> Any:
+        # YAML reads 650000 unquoted as an int: a region code is its digits.
+        if isinstance(v, Mapping):
+            return {str(k): val for k, val in v.items()}
+        return v
+
+
+# ---------------------------------------------------------------- calendar files
+
+class _HolidayFile(_Model):
+    name: str = Field(min_length=1)
+    start: Date
+    end: Date
+
+
+class CalendarFileModel(_Model):
+    year: int
+    holidays: tuple[_HolidayFile, ...] = ()
+    workdays: tuple[Date, ...] = ()
+
+    @model_validator(mode="after")
+    def _in_year(self) -> CalendarFileModel:
+        for h in self.holidays:
+            if h.end < h.start:
+                raise ValueError(f"holiday {h.name!r} ends before it starts")
+        for d in self.workdays:
+            if d.year != self.year:
+                raise ValueError(f"workday {d} is not in {self.year}")
+        return self
+
+
+# ---------------------------------------------------------------- compiled
+
+@dataclass(frozen=True)
+class Route:
+    prefix: str
+    kind: Literal["lesson", "forbidden"]
+    category: str  # "subject" | "non_subject" | "forbidden"
+    feature: str | None
+    read_timeout: int | None
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_duration: int
+    min_break: int
+    daily_max: int | None
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Everything the rules need for one (region, stage)."""
+
+    region: str            # metric label: a policy region code or "base"
+    tz: ZoneInfo
+    curfew_start: dt.time
+    curfew_end: dt.time
+    calendar: RestCalendar
+    limits: Limits
+
+
+@dataclass(frozen=True)
+class Policy:
+    model: PolicyModel
+    source: str
+    sha: str
+    routes: tuple[Route, ...]
+    profiles: Mapping[tuple[str | None, str | None], Profile]
+    national: NationalCalendar
+    shadow: frozenset[str]
+
+    @property
+    def version(self) -> int:
+        return self.model.version
+
+    @property
+    def identity(self) -> IdentitySettings:
+        return self.model.identity
+
+    @property
+    def fail_open(self) -> bool:
+        return self.model.failure_mode == "fail_open"
+
+    def match(self, path: str) -> Route | None:
+        """First route whose prefix the path starts with."""
+        for r in self.routes:
+            if path.startswith(r.prefix):
+                return r
+        return None
+
+    def profile(self, region: str | None, stage: str | None) -> Profile:
+        """Unknown regions fall back to the base policy (callers count it)."""
+        p = self.profiles.get((region, stage))
+        if p is None:
+            p = self.profiles[(None, stage)]
+        return p
+
+    def knows_region(self, region: str) -> bool:
+        return region in self.model.regions
+
+    def is_shadowed(self, rule: str) -> bool:
+        return rule in self.shadow
+
+
+def stage_of(grade: int | None) -> str | None:
+    """primary = grades 1-6, junior = 7-9, senior = 10-12."""
+    if grade is None:
+        return None
+    if grade <= 6:
+        return "primary"
+    if grade <= 9:
+        return "junior"
+    return "senior"
+
+
+def _compile(model: PolicyModel, source: str, sha: str, national: NationalCalendar) -> Policy:
+    routes = tuple(
+        Route(r.prefix, r.kind, r.category or "forbidden", r.feature, r.read_timeout)
+        for r in model.routes)
+    base_rd = model.rest_days
+
+    def calendar(ov: RestDaysOverride | None) -> RestCalendar:
+        def pick(name: str) -> Any:
+            v = getattr(ov, name) if ov is not None else None
+            return getattr(base_rd, name) if v is None else v
+        return RestCalendar(
+            weekends=pick("weekends"),
+            statutory_holidays=pick("statutory_holidays"),
+            extra_holidays=frozenset(pick("extra_holidays")),
+            extra_workdays=frozenset(pick("extra_workdays")),
+            vacations=tuple(Vacation(v.name, v.start, v.end) for v in pick("vacations")),
+            national=national,
+            makeup_days_are_rest_days=pick("makeup_days_are_rest_days"))
+
+    def limits(*layers: tuple[LessonOverride | LessonSettings | None, int | None]) -> Limits:
+        mx, mb, daily = model.lesson.max_duration, model.lesson.min_break, model.daily_max
+        for lesson, dmax in layers:
+            if lesson is not None:
+                mx = lesson.max_duration or mx
+                mb = lesson.min_break or mb
+            if dmax is not None:
+                daily = dmax
+        return Limits(mx, mb, daily)
+
+    profiles: dict[tuple[str | None, str | None], Profile] = {}
+    regions: list[tuple[str | None, RegionSettings | None]] = [(None, None)]
+    regions += list(model.regions.items())
+    base_cal = calendar(None)
+    for code, reg in regions:
+        tz = ZoneInfo((reg.timezone if reg and reg.timezone else None) or model.timezone)
+        cf = (reg.curfew if reg and reg.curfew else None) or model.curfew
+        cal = calendar(reg.rest_days) if reg and reg.rest_days else base_cal
+        region_layer = (reg.lesson if reg else None, reg.daily_max if reg else None)
+        for stage in (None, "primary", "junior", "senior"):
+            st = model.stages.get(stage) if stage else None  # type: ignore[arg-type]
+            stage_layer = (st.lesson if st else None, st.daily_max if st else None)
+            profiles[(code, stage)] = Profile(
+                region=code or "base", tz=tz, curfew_start=cf.start, curfew_end=cf.end,
+                calendar=cal, limits=limits(region_layer, stage_layer))
+    shadow = frozenset(SHADOWABLE) if model.mode == "shadow" else frozenset(model.shadow_rules)
+    return Policy(model=model, source=source, sha=sha, routes=routes, profiles=profiles,
+                  national=national, shadow=shadow)
+
+
+# ---------------------------------------------------------------- parsing
+
+def _fmt_loc(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _line_of(root: yaml.Node | None, loc: Sequence[int | str]) -> int | None:
+    """Line (1-based) of the YAML node at `loc`, or of its nearest parent."""
+    node = root
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        nxt: yaml.Node | None = None
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if str(k.value) == str(part):
+                    nxt = v
+                    line = k.start_mark.line + 1
+                    break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if 0 <= part < len(node.value):
+                nxt = node.value[part]
+                line = nxt.start_mark.line + 1
+        if nxt is None:
+            break
+        node = nxt
+    return line
+
+
+def _message(err: Mapping[str, Any]) -> str:
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required"
+    msg = str(err.get("msg", "invalid"))
+    # pydantic prefixes errors raised in our validators with "Value error, "
+    return msg.removeprefix("Value error, ")
+
+
+def _validation_problems(exc: ValidationError, root: yaml.Node | None,
+                         prefix: Sequence[int | str] = ()) -> list[tuple[str, str, int | None]]:
+    problems = []
+    for err in exc.errors():
+        loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+        problems.append((_fmt_loc([*prefix, *loc]), _message(err), _line_of(root, loc)))
+    return problems
+
+
+def _load_yaml(text: str, source: str) -> tuple[Any, yaml.Node | None]:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(e, "problem", None) or str(e)
+        raise PolicyError(source, [("", f"not valid YAML: {problem}", line)]) from None
+    return data, node
+
+
+FileReader = Callable[[str], str]
+
+
+def parse_calendar_file(text: str, source: str) -> CalendarYear:
+    data, node = _load_yaml(text, source)
+    try:
+        m = CalendarFileModel.model_validate(data)
+    except ValidationError as e:
+        raise PolicyError(source, _validation_problems(e, node)) from None
+    return CalendarYear(
+        year=m.year,
+        holidays=tuple(Holiday(h.name, h.start, h.end) for h in m.holidays),
+        workdays=frozenset(m.workdays))
+
+
+def parse_policy(text: str, source: str = "<policy>",
+                 read_file: FileReader | None = None) -> Policy:
+    """Validate policy text. `read_file(relative_path)` loads calendar files
+    (paths relative to the policy); without it, naming one is an error."""
+    data, node = _load_yaml(text, source)
+    if not isinstance(data, dict):
+        raise PolicyError(source, [("", "a policy is a YAML mapping (version, routes, ...)",
+                                    node.start_mark.line + 1 if node is not None else None)])
+    try:
+        model = PolicyModel.model_validate(data)
+    except ValidationError as e:
+        raise PolicyError(source, _validation_problems(e, node)) from None
+    years: list[CalendarYear] = []
+    problems: list[tuple[str, str, int | None]] = []
+    for i, rel in enumerate(model.rest_days.calendar_files):
+        loc: list[int | str] = ["rest_days", "calendar_files", i]
+        if read_file is None:
+            problems.append((_fmt_loc(loc), "calendar files need a policy loaded from a file",
+                             _line_of(node, loc)))
+            continue
+        try:
+            years.append(parse_calendar_file(read_file(rel), rel))
+        except OSError as e:
+            problems.append((_fmt_loc(loc), f"cannot read {rel}: {e.strerror or e}",
+                             _line_of(node, loc)))
+        except PolicyError as e:
+            problems.extend((_fmt_loc(loc), line.removeprefix(""), _line_of(node, loc))
+                            for line in e.lines())
+    if problems:
+        raise PolicyError(source, problems)
+    national = NationalCalendar(years)
+    sha = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return _compile(model, source, sha, national)
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and parse a policy file; calendar files resolve next to it."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise PolicyError(str(path), [("", f"cannot read policy: {e.strerror or e}", None)]) from None
+
+    def read(rel: str) -> str:
+        return (p.parent / rel).read_text(encoding="utf-8")
+
+    return parse_policy(text, str(path), read)

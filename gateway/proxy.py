@@ -1,0 +1,477 @@
+"""The reverse proxy: HTTP and WebSocket forwarding, decisions, denials.
+
+Everything a route does not enforce passes through untouched and costs no
+state-store call. On an enforced route the engine decides (rules.py), the
+store runs the lesson clock in one atomic call, and only then does the
+request go upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import posixpath
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import WSMsgType, web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from . import rules
+from .activity import ActivityView
+from .errors import StoreUnavailable
+from .identity import Identify
+from .live import CLOSE_CODES, LiveConn, LiveRegistry, new_conn_id
+from .metrics import Metrics
+from .policy import Policy, Route
+from .responses import denial
+from .store.base import StateStore
+
+log = logging.getLogger("tutorgate.proxy")
+
+# RFC 9110 7.6.1 hop-by-hop fields, plus Host (the upstream's is set by the client).
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+    "upgrade", "proxy-authorization", "proxy-authenticate", "host",
+})
+FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
+# The client side of the upstream WebSocket regenerates these.
+WS_HANDSHAKE = frozenset({
+    "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
+    "sec-websocket-accept", "sec-websocket-protocol",
+})
+# Bodies up to this size are read whole: one write is cheaper than a stream.
+SMALL_BODY = 256 * 1024
+# Close codes a close frame must never carry (RFC 6455 7.4.1).
+_RESERVED_CLOSE = frozenset({1004, 1005, 1006, 1015})
+
+
+@dataclass(frozen=True)
+class Lesson:
+    """An allowed lesson request: who, where, and what the clock said."""
+
+    student: rules.Student
+    key: str
+    route: Route
+    decision: rules.Decision
+    conn_id: str | None  # a lease taken in the same clock step (WebSockets)
+
+
+@dataclass
+class Runtime:
+    """What the proxy needs; swapped whole on a policy reload."""
+
+    policy: Policy
+    identify: Identify
+
+
+class Proxy:
+    def __init__(self, runtime: Runtime, store: StateStore, metrics: Metrics,
+                 live: LiveRegistry, activity: ActivityView, upstream: str,
+                 max_body: int | None = None, read_timeout: float | None = 300.0,
+                 on_event: Callable[..., None] | None = None) -> None:
+        self.rt = runtime
+        self.store = store
+        self.metrics = metrics
+        self.live = live
+        self.activity = activity
+        self.upstream = URL(upstream.rstrip("/"))
+        # raw_path is appended as it came (encoded=True): never re-quoted
+        self._base = str(self.upstream)
+        self.max_body = max_body
+        self.read_timeout = read_timeout
+        self.session: aiohttp.ClientSession | None = None
+        self.on_event = on_event  # audit hook: (event, key, rule, category, region)
+        self.draining = False
+        # Pre-bound counters: labels() per request costs a dict lookup and a lock.
+        self._decision_children: dict[tuple[str, str, str, str], Any] = {}
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self, pool_size: int = 1000) -> None:
+        connector = aiohttp.TCPConnector(limit=pool_size, limit_per_host=0, ttl_dns_cache=300,
+                                         keepalive_timeout=30, enable_cleanup_closed=True)
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),  # never carry one student's cookies to another
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_connect=5),
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    # ------------------------------------------------------------ metrics
+
+    def count(self, decision: str, rule: str | None, category: str, region: str) -> None:
+        k = (decision, rule or "none", category, region)
+        child = self._decision_children.get(k)
+        if child is None:
+            child = self._decision_children[k] = self.metrics.decisions.labels(*k)
+        child.inc()
+
+    # ------------------------------------------------------------ entry
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        rt = self.rt
+        route = rt.policy.match(_match_path(request.path))
+        if route is None:
+            if _is_websocket(request):
+                return await self.websocket(request, None, None, None)
+            return await self.forward(request, None)
+        return await self.enforce(request, rt, route)
+
+    async def enforce(self, request: web.Request, rt: Runtime,
+                      route: Route) -> web.StreamResponse:
+        policy = rt.policy
+        ws = _is_websocket(request)
+        if route.kind == "lesson":
+            student = rt.identify(request.headers, request.cookies)
+            if student.region is not None and not policy.knows_region(student.region):
+                self.metrics.unknown_region.inc()
+        else:
+            student = rules.Student(problem="missing")
+        now = time.time()
+        pre = rules.precheck(policy, route, student, now)
+        conn_id = new_conn_id() if ws else None
+        if isinstance(pre, rules.Pending):
+            assert student.key is not None
+            try:
+                t0 = time.perf_counter()
+                step = await self.store.advance(student.key, pre.limits, pre.day,
+                                                pre.seconds_to_day_end, hold=conn_id)
+                self.metrics.store_latency.labels("advance").observe(time.perf_counter() - t0)
+                self.metrics.store_up.set(1)
+            except StoreUnavailable:
+                self.metrics.store_errors.labels("advance").inc()
+                self.metrics.store_up.set(0)
+                decision = rules.unavailable(pre, policy.fail_open)
+                if decision.allowed:
+                    self.metrics.fail_open.labels(route.category).inc()
+                conn_id = None
+            else:
+                decision = rules.finish(pre, step)
+                self._observe_step(student.key, step, pre, decision)
+        else:
+            decision = pre
+            conn_id = None
+        region = decision.region
+        for rule in decision.shadowed:
+            self.count("shadow_deny", rule, route.category, region)
+            log.info("shadow_deny rule=%s category=%s region=%s", rule, route.category, region)
+        if not decision.allowed:
+            self.count("deny", decision.rule, route.category, region)
+            if self.on_event is not None:
+                self.on_event("deny", student.key, decision.rule, route.category, region)
+            return denial(decision.rule or rules.STATE_UNAVAILABLE, decision.message,
+                          decision.retry_after, request.headers.get("Accept", ""))
+        self.count("allow", None, route.category, region)
+        lesson = None
+        if route.kind == "lesson" and student.key is not None and decision.step is not None:
+            lesson = Lesson(student, student.key, route, decision, conn_id)
+        if ws:
+            return await self.websocket(request, route, lesson, decision)
+        return await self.forward(request, route, lesson)
+
+    def _observe_step(self, key: str, step: Any, pre: rules.Pending,
+                      decision: rules.Decision) -> None:
+        region = pre.profile.region
+        if step.outcome == "allow":
+            self.activity.lesson(key, step.start, step.now, pre.limits)
+            if step.started:
+                self.metrics.lessons_started.labels(region).inc()
+                if step.ended_duration is not None:
+                    self.metrics.lesson_duration.labels(region).observe(step.ended_duration)
+                    honoured = step.break_taken is not None and \
+                        step.break_taken >= pre.limits.min_break - 1e-6
+                    self.metrics.breaks_honoured.labels("true" if honoured else "false").inc()
+                if self.on_event is not None:
+                    if step.ended_duration is not None:
+                        self.on_event("lesson_end", key, None, pre.route.category, region,
+                                      duration=step.ended_duration)
+                    self.on_event("lesson_start", key, None, pre.route.category, region)
+        elif step.outcome == "break_required" and step.retry_after is not None:
+            self.activity.in_break(key, step.now + step.retry_after)
+
+    # ------------------------------------------------------------ HTTP
+
+    def _upstream_headers(self, request: web.Request, websocket: bool = False) -> CIMultiDict[str]:
+        return upstream_headers(request, websocket)
+
+    async def forward(self, request: web.Request, route: Route | None,
+                      lesson: Lesson | None = None,
+                      ) -> web.StreamResponse:
+        assert self.session is not None
+        if self.max_body is not None and (request.content_length or 0) > self.max_body:
+            return denial("body_too_large", f"request body over {self.max_body} bytes", None,
+                          request.headers.get("Accept", ""), status=413)
+        url = URL(self._base + request.raw_path, encoded=True)
+        headers = upstream_headers(request)
+        data: Any = None
+        if request.body_exists:
+            data = self._body(request)
+        read_timeout = route.read_timeout if route and route.read_timeout else self.read_timeout
+        kind = "passthrough" if route is None else route.kind
+        t0 = time.perf_counter()
+        try:
+            up = await self.session.request(
+                request.method, url, headers=headers, data=data, allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_connect=5,
+                                              sock_read=read_timeout),
+                compress=None, chunked=None, auto_decompress=False)
+        except _BodyTooLarge:
+            return denial("body_too_large", f"request body over {self.max_body} bytes", None,
+                          request.headers.get("Accept", ""), status=413)
+        except TimeoutError:
+            return self._upstream_error(request, "timeout", 504)
+        except (aiohttp.ClientError, OSError) as e:
+            log.warning("upstream request failed: %s", type(e).__name__)
+            return self._upstream_error(request, "connect", 502)
+        self.metrics.upstream_latency.labels(kind).observe(time.perf_counter() - t0)
+        try:
+            return await self._respond(request, up, lesson)
+        finally:
+            up.release()
+
+    async def _body(self, request: web.Request) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in request.content.iter_any():
+            seen += len(chunk)
+            if self.max_body is not None and seen > self.max_body:
+                raise _BodyTooLarge
+            yield chunk
+
+    def _upstream_error(self, request: web.Request, reason: str, status: int) -> web.Response:
+        self.metrics.upstream_errors.labels(reason).inc()
+        return denial(rules.UPSTREAM_ERROR, rules.MESSAGES[rules.UPSTREAM_ERROR], None,
+                      request.headers.get("Accept", ""), status=status)
+
+    async def _respond(self, request: web.Request, up: aiohttp.ClientResponse,
+                       lesson: Lesson | None,
+                       ) -> web.StreamResponse:
+        headers = response_headers(up.headers)
+        if lesson is not None:
+            remaining = lesson.decision.lesson_remaining or 0.0
+            headers["X-Lesson-Remaining"] = str(max(math.floor(remaining), 0))
+        length = up.content_length
+        no_body = request.method == "HEAD" or up.status in (204, 304) or up.status < 200
+        if not no_body and length is not None and length <= SMALL_BODY:
+            try:
+                body = await up.read()
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                return self._upstream_error(request, "broken", 502)
+            headers.popall("Content-Length", None)
+            return web.Response(status=up.status, reason=up.reason, headers=headers, body=body)
+        resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
+        if no_body:
+            await resp.prepare(request)
+            await resp.write_eof()
+            return resp
+        conn: LiveConn | None = None
+        if lesson is not None:
+            conn = await self._hold_stream(request, up, lesson, up.headers.get("Content-Type", ""))
+        await resp.prepare(request)
+        try:
+            async for chunk in up.content.iter_any():
+                await resp.write(chunk)
+            await resp.write_eof()
+        except (aiohttp.ClientError, OSError, TimeoutError, asyncio.CancelledError) as e:
+            # Upstream broke mid-body, the client left, or we cut the stream:
+            # nothing more can be said on this response; end the connection.
+            if isinstance(e, asyncio.CancelledError) and (conn is None or not conn.cutting):
+                raise
+            if request.transport is not None:
+                request.transport.close()
+        finally:
+            if conn is not None:
+                await self.live.discard(conn)
+        return resp
+
+    async def _hold_stream(self, request: web.Request, up: aiohttp.ClientResponse,
+                           lesson: Lesson,
+                           ctype: str) -> LiveConn:
+        """A lesson body that streams: it is activity while open and is cut at
+        the lesson's deadline."""
+        task = asyncio.current_task()
+
+        async def close(rule: str) -> None:
+            up.close()
+            if request.transport is not None:
+                request.transport.close()
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+
+        conn = LiveConn(lesson.key, new_conn_id(), "stream", close, held=False,
+                        student=lesson.student, route=lesson.route)
+        deadline, rule = deadline_of(lesson.decision)
+        self.live.add(conn, deadline, rule)
+        return conn
+
+    # ------------------------------------------------------------ WebSocket
+
+    async def websocket(self, request: web.Request, route: Route | None,
+                        lesson: Lesson | None,
+                        decision: rules.Decision | None) -> web.StreamResponse:
+        assert self.session is not None
+        url = URL(self._base + request.raw_path, encoded=True)
+        url = url.with_scheme("wss" if url.scheme == "https" else "ws")
+        protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "")
+                     .split(",") if p.strip()]
+        try:
+            up_ws = await self.session.ws_connect(
+                url, headers=upstream_headers(request, websocket=True), protocols=protocols,
+                autoping=False, autoclose=False, max_msg_size=0, compress=0,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5))
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            log.warning("upstream WebSocket failed: %s", type(e).__name__)
+            if lesson is not None and lesson.conn_id is not None:
+                await self._release_quietly(lesson.key, lesson.conn_id)
+            status = e.status if isinstance(e, aiohttp.WSServerHandshakeError) else 502
+            if status < 400:
+                status = 502
+            return self._upstream_error(request, "connect", status if status >= 500 else 502)
+        ws = web.WebSocketResponse(protocols=[up_ws.protocol] if up_ws.protocol else (),
+                                   autoping=False, autoclose=False, max_msg_size=0)
+        await ws.prepare(request)
+        conn: LiveConn | None = None
+        if lesson is not None:
+            async def close(rule: str) -> None:
+                code = CLOSE_CODES.get(rule, 4000)
+                await asyncio.gather(ws.close(code=code, message=rule.encode()),
+                                     up_ws.close(code=1001, message=b"lesson closed"),
+                                     return_exceptions=True)
+
+            conn = LiveConn(lesson.key, lesson.conn_id or new_conn_id(), "websocket", close,
+                            held=lesson.conn_id is not None, student=lesson.student,
+                            route=lesson.route)
+            deadline, rule = deadline_of(lesson.decision)
+            self.live.add(conn, deadline, rule)
+        else:
+            self.live.untracked.add((ws, up_ws))
+        try:
+            await relay(ws, up_ws)
+        finally:
+            if conn is not None:
+                await self.live.discard(conn)
+            else:
+                self.live.untracked.discard((ws, up_ws))
+            if not up_ws.closed:
+                await up_ws.close()
+        return ws
+
+    async def _release_quietly(self, key: str, conn_id: str) -> None:
+        try:
+            await self.store.release(key, conn_id)
+        except StoreUnavailable:
+            pass
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def deadline_of(decision: rules.Decision) -> tuple[float, str]:
+    """When a lesson connection must close, and the rule that closes it."""
+    now = decision.step.now if decision.step is not None else time.time()
+    return now + (decision.lesson_remaining or 0.0), decision.end_rule
+
+
+async def relay(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse) -> None:
+    """Both directions until either side closes; close frames pass through."""
+
+    async def pump(src: Any, dst: Any) -> None:
+        while True:
+            msg = await src.receive()
+            t = msg.type
+            if t is WSMsgType.TEXT:
+                await dst.send_str(msg.data)
+            elif t is WSMsgType.BINARY:
+                await dst.send_bytes(msg.data)
+            elif t is WSMsgType.PING:
+                await dst.ping(msg.data)
+            elif t is WSMsgType.PONG:
+                await dst.pong(msg.data)
+            elif t is WSMsgType.CLOSE:
+                code = msg.data if isinstance(msg.data, int) else 1000
+                if code in _RESERVED_CLOSE:
+                    code = 1000
+                await dst.close(code=code, message=(msg.extra or "").encode()
+                                if isinstance(msg.extra, str) else b"")
+                return
+            else:  # CLOSING, CLOSED, ERROR
+                if not dst.closed:
+                    await dst.close(code=1011 if t is WSMsgType.ERROR else 1000)
+                return
+
+    a = asyncio.ensure_future(pump(client, upstream))
+    b = asyncio.ensure_future(pump(upstream, client))
+    try:
+        await asyncio.wait({a, b}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (a, b):
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(a, b, return_exceptions=True)
+        if not client.closed:
+            await client.close()
+
+
+def _is_websocket(request: web.Request) -> bool:
+    return request.headers.get("Upgrade", "").lower() == "websocket"
+
+
+def _match_path(path: str) -> str:
+    """The path routes are matched against: decoded (aiohttp), with dot
+    segments and doubled slashes resolved, so /a/../classroom/subject/ or
+    //classroom/subject/ cannot slip past a prefix."""
+    if "/." in path or "//" in path:
+        trailing = path.endswith("/")
+        path = posixpath.normpath("/" + path.lstrip("/"))
+        if trailing and not path.endswith("/"):
+            path += "/"
+    return path
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+    tokens: set[str] = set()
+    for v in headers.getall("Connection", ()):
+        tokens.update(t.strip().lower() for t in v.split(",") if t.strip())
+    return tokens
+
+
+def upstream_headers(request: web.Request, websocket: bool = False) -> CIMultiDict[str]:
+    """End-to-end request headers, plus X-Forwarded-*."""
+    drop = _connection_tokens(request.headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for k, v in request.headers.items():
+        lk = k.lower()
+        if lk in HOP_BY_HOP or lk in FORWARDED or lk in drop or \
+                (websocket and lk in WS_HANDSHAKE):
+            continue
+        out.add(k, v)
+    peer = request.remote or ""
+    prior = ", ".join(request.headers.getall("X-Forwarded-For", ()))
+    out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    out["X-Forwarded-Proto"] = request.scheme
+    host = request.headers.get("Host")
+    if host is not None:
+        out["X-Forwarded-Host"] = host
+    return out
+
+
+def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    drop = _connection_tokens(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for k, v in headers.items():
+        lk = k.lower()
+        if lk in HOP_BY_HOP or lk in drop:
+            continue
+        out.add(k, v)
+    return out

@@ -1,0 +1,289 @@
+"""THE rule engine: pure, no I/O, no clock of its own.
+
+A request on an enforced route goes through `precheck` (the rules that need
+no per-student state, in the contract's order), then the lesson clock
+(`clock.advance`, run atomically by the state store), then `finish`. The
+split exists so the Redis store can run the clock in one Lua call between
+the two halves; `decide` composes all three for callers that hold the state
+(memory store tests, `tutorgate explain`).
+
+Decisions are values: a denial is a `Decision` with its rule code, never an
+exception; only the proxy turns it into HTTP.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .clock import ClockLimits, ClockState, Step, advance
+from .policy import Policy, Profile, Route, stage_of
+
+FORBIDDEN_FEATURE = "forbidden_feature"
+IDENTITY_REQUIRED = "identity_required"
+BAD_IDENTITY = "bad_identity"
+PRESCHOOL = "preschool"
+CURFEW = "curfew"
+REST_DAY = "rest_day"
+DAILY_LIMIT = "daily_limit"
+BREAK_REQUIRED = "break_required"
+STATE_UNAVAILABLE = "state_unavailable"
+UPSTREAM_ERROR = "upstream_error"
+LESSON_LIMIT = "lesson_limit"  # the cut-off of a live connection
+
+STATUS = {
+    FORBIDDEN_FEATURE: 403, IDENTITY_REQUIRED: 401, BAD_IDENTITY: 400, PRESCHOOL: 403,
+    CURFEW: 403, REST_DAY: 403, DAILY_LIMIT: 429, BREAK_REQUIRED: 429, STATE_UNAVAILABLE: 503,
+    UPSTREAM_ERROR: 502,
+}
+
+MESSAGES = {
+    FORBIDDEN_FEATURE: "This feature is not offered (photo search for answers and similar "
+                       "features are forbidden).",
+    IDENTITY_REQUIRED: "A signed-in student is required for lessons.",
+    BAD_IDENTITY: "The student id or grade is malformed.",
+    PRESCHOOL: "No online training for preschool children.",
+    CURFEW: "Online training is closed for the night.",
+    REST_DAY: "No subject classes on rest days, holidays or vacations.",
+    DAILY_LIMIT: "Today's lesson time is used up.",
+    BREAK_REQUIRED: "Time for a break before the next lesson.",
+    STATE_UNAVAILABLE: "Lesson state is unavailable; please try again shortly.",
+    UPSTREAM_ERROR: "The tutoring service did not answer.",
+}
+
+Grade = int | Literal["preschool"]
+
+
+@dataclass(frozen=True)
+class Student:
+    """Who is asking, as identity.py read it. `problem` set = not usable."""
+
+    key: str | None = None          # keyed hash of the student id, never the id
+    grade: Grade | None = None
+    region: str | None = None
+    problem: Literal["missing", "malformed"] | None = None
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class Check:
+    rule: str
+    applies: bool
+    why: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    rule: str | None
+    retry_after: float | None = None
+    lesson_remaining: float | None = None
+    shadowed: tuple[str, ...] = ()     # rules that applied but are shadowed
+    checked: tuple[Check, ...] = ()
+    step: Step | None = None
+    region: str = "base"
+    end_rule: str = LESSON_LIMIT  # what ends the lesson: lesson_limit, curfew, daily_limit
+
+    @property
+    def status(self) -> int:
+        return 200 if self.allowed else STATUS[self.rule or STATE_UNAVAILABLE]
+
+    @property
+    def message(self) -> str:
+        return MESSAGES.get(self.rule or "", "")
+
+
+@dataclass(frozen=True)
+class Pending:
+    """Static rules passed: what the clock step needs and what finish adds."""
+
+    route: Route
+    student: Student
+    profile: Profile
+    limits: ClockLimits
+    day: int
+    seconds_to_day_end: float
+    until_curfew: float
+    shadowed: tuple[str, ...] = ()
+    checked: tuple[Check, ...] = field(default_factory=tuple)
+
+
+# ---------------------------------------------------------------- time helpers
+
+def _next_at(local: dt.datetime, t: dt.time) -> dt.datetime:
+    """The next instant (> local) whose local wall time is t."""
+    cand = dt.datetime.combine(local.date(), t, tzinfo=local.tzinfo)
+    if cand <= local:
+        cand = dt.datetime.combine(local.date() + dt.timedelta(days=1), t, tzinfo=local.tzinfo)
+    return cand
+
+
+def in_curfew(profile: Profile, local: dt.datetime) -> bool:
+    t = local.timetz().replace(tzinfo=None)
+    s, e = profile.curfew_start, profile.curfew_end
+    if s > e:  # crosses midnight
+        return t >= s or t < e
+    return s <= t < e
+
+
+def curfew_times(profile: Profile, now: float) -> tuple[bool, float, float]:
+    """(inside, seconds until the window ends, seconds until it next starts)."""
+    local = dt.datetime.fromtimestamp(now, profile.tz)
+    inside = in_curfew(profile, local)
+    to_end = (_next_at(local, profile.curfew_end) - local).total_seconds()
+    to_start = (_next_at(local, profile.curfew_start) - local).total_seconds()
+    return inside, to_end, to_start
+
+
+def local_day(profile: Profile, now: float) -> tuple[dt.date, float]:
+    """Local date and seconds until the next local midnight."""
+    local = dt.datetime.fromtimestamp(now, profile.tz)
+    midnight = dt.datetime.combine(local.date() + dt.timedelta(days=1), dt.time(0),
+                                   tzinfo=profile.tz)
+    return local.date(), (midnight - local).total_seconds()
+
+
+def clock_limits(policy: Policy, profile: Profile) -> ClockLimits:
+    lim = profile.limits
+    return ClockLimits(lim.max_duration, lim.min_break, lim.daily_max,
+                       enforce_break=not policy.is_shadowed(BREAK_REQUIRED),
+                       enforce_daily=not policy.is_shadowed(DAILY_LIMIT))
+
+
+# ---------------------------------------------------------------- the engine
+
+def precheck(policy: Policy, route: Route, student: Student, now: float) -> Decision | Pending:
+    """The state-free rules, in order. A Decision ends it; Pending goes on to
+    the lesson clock."""
+    checked: list[Check] = []
+    shadowed: list[str] = []
+
+    def hit(rule: str, why: str, retry: float | None = None,
+            region: str = "base") -> Decision | None:
+        checked.append(Check(rule, True, why))
+        if policy.is_shadowed(rule):
+            shadowed.append(rule)
+            return None
+        return Decision(False, rule, retry, None, tuple(shadowed), tuple(checked), region=region)
+
+    def miss(rule: str, why: str) -> None:
+        checked.append(Check(rule, False, why))
+
+    if route.kind == "forbidden":
+        d = hit(FORBIDDEN_FEATURE, f"route {route.prefix} is the forbidden feature "
+                                   f"{route.feature or route.prefix}")
+        if d is not None:
+            return d
+        return Decision(True, None, None, None, tuple(shadowed), tuple(checked))
+    miss(FORBIDDEN_FEATURE, f"route {route.prefix} is a {route.category} lesson route")
+
+    if student.problem == "missing":
+        d = hit(IDENTITY_REQUIRED, student.why or "no student id")
+        if d is not None:
+            return d
+        # shadowed: nobody to keep a clock for
+        return Decision(True, None, None, None, tuple(shadowed), tuple(checked))
+    miss(IDENTITY_REQUIRED, "a student id is present")
+    if student.problem == "malformed":
+        d = hit(BAD_IDENTITY, student.why or "malformed student id or grade")
+        if d is not None:
+            return d
+        return Decision(True, None, None, None, tuple(shadowed), tuple(checked))
+    miss(BAD_IDENTITY, "student id and grade are well formed")
+
+    grade = student.grade
+    profile = policy.profile(student.region,
+                             stage_of(grade) if isinstance(grade, int) else None)
+    region = profile.region
+    if grade == "preschool":
+        d = hit(PRESCHOOL, "grade is preschool: no online training at all", region=region)
+        if d is not None:
+            return d
+    else:
+        miss(PRESCHOOL, f"grade {grade if grade is not None else 'not given'}")
+
+    inside, to_end, to_start = curfew_times(profile, now)
+    window = f"{profile.curfew_start:%H:%M:%S}-{profile.curfew_end:%H:%M:%S} {profile.tz.key}"
+    if inside:
+        d = hit(CURFEW, f"inside the curfew {window}", to_end, region=region)
+        if d is not None:
+            return d
+    else:
+        miss(CURFEW, f"outside the curfew {window}; it starts in {int(to_start)}s")
+
+    today, to_midnight = local_day(profile, now)
+    if route.category == "subject":
+        rest = profile.calendar.rest_day(today)
+        if rest is not None:
+            nxt = profile.calendar.next_open_day(today)
+            retry = None
+            if nxt is not None:
+                retry = to_midnight + (nxt - today - dt.timedelta(days=1)).days * 86400.0
+            d = hit(REST_DAY, f"{today} is a rest day ({rest.reason}: {rest.name})", retry,
+                    region=region)
+            if d is not None:
+                return d
+        else:
+            miss(REST_DAY, f"{today} is a school day")
+    else:
+        miss(REST_DAY, "non-subject classes are not bound by rest days")
+
+    return Pending(route, student, profile, clock_limits(policy, profile), today.toordinal(),
+                   to_midnight, to_start, tuple(shadowed), tuple(checked))
+
+
+def finish(pending: Pending, step: Step) -> Decision:
+    """Turn the clock's step into the decision."""
+    checked = list(pending.checked)
+    shadowed = list(pending.shadowed)
+    region = pending.profile.region
+    lim = pending.limits
+    if step.outcome == DAILY_LIMIT:
+        checked.append(Check(DAILY_LIMIT, True, f"today's lesson time reached {lim.daily_max}s"))
+        return Decision(False, DAILY_LIMIT, step.retry_after, None, tuple(shadowed),
+                        tuple(checked), step, region)
+    if lim.daily_max is not None:
+        daily_hit = step.shadowed == DAILY_LIMIT
+        checked.append(Check(DAILY_LIMIT, daily_hit, f"daily_max {lim.daily_max:g}s"))
+        if daily_hit:
+            shadowed.append(DAILY_LIMIT)
+    if step.outcome == BREAK_REQUIRED:
+        checked.append(Check(BREAK_REQUIRED, True,
+                             f"the break lasts {lim.min_break:g}s after a lesson"))
+        return Decision(False, BREAK_REQUIRED, step.retry_after, None, tuple(shadowed),
+                        tuple(checked), step, region)
+    brk = step.shadowed == BREAK_REQUIRED
+    checked.append(Check(BREAK_REQUIRED, brk,
+                         "a new lesson starts" if step.started else "the lesson goes on"))
+    if brk:
+        shadowed.append(BREAK_REQUIRED)
+    remaining = step.remaining if step.remaining is not None else float(lim.max_duration)
+    end_rule = LESSON_LIMIT
+    if remaining < step.start + lim.max_duration - step.now - 1e-6:
+        end_rule = DAILY_LIMIT
+    if pending.until_curfew < remaining:
+        remaining, end_rule = pending.until_curfew, CURFEW
+    return Decision(True, None, None, remaining, tuple(shadowed), tuple(checked), step, region,
+                    end_rule)
+
+
+def decide(policy: Policy, route: Route, student: Student, state: ClockState,
+           now: float) -> tuple[Decision, ClockState]:
+    """The whole decision for one request, given the student's clock state."""
+    pre = precheck(policy, route, student, now)
+    if isinstance(pre, Decision):
+        return pre, state
+    step, new_state = advance(state, now, pre.limits, pre.day, pre.seconds_to_day_end)
+    return finish(pre, step), new_state
+
+
+def unavailable(pending: Pending, fail_open: bool) -> Decision:
+    """The store did not answer: fail closed (503) or open (allowed, no clock)."""
+    checked = (*pending.checked, Check(STATE_UNAVAILABLE, True, "the state store did not answer"))
+    if fail_open:
+        return Decision(True, None, None, min(float(pending.limits.max_duration),
+                                              pending.until_curfew),
+                        pending.shadowed, checked, None, pending.profile.region)
+    return Decision(False, STATE_UNAVAILABLE, None, None, pending.shadowed, checked, None,
+                    pending.profile.region)

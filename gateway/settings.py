@@ -1,0 +1,45 @@
+"""Process settings from argv and the environment (never from the policy)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Settings:
+    policy_path: str
+    upstream: str
+    listen: tuple[str, int] = ("127.0.0.1", 8080)
+    admin_listen: tuple[str, int] = ("127.0.0.1", 9100)
+    redis_url: str | None = None
+    id_secret: bytes | None = None
+    max_body: int | None = None        # bytes; None = no cap (the platform's choice)
+    read_timeout: float | None = 300.0  # upstream idle read timeout, seconds
+    instance: str = ""
+    grace: float = 10.0                 # seconds ordinary requests get on SIGTERM
+    pool_size: int = 1000               # upstream connections (WebSockets hold one each)
+
+    @property
+    def instance_name(self) -> str:
+        return self.instance or f"{socket.gethostname()}:{self.listen[1]}"
+
+
+def parse_hostport(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """"HOST:PORT", ":PORT" or "PORT"; IPv6 as "[::1]:8080"."""
+    v = value.strip()
+    if v.startswith("["):
+        host, _, port = v[1:].partition("]:")
+    elif ":" in v:
+        host, _, port = v.rpartition(":")
+    else:
+        host, port = "", v
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"not HOST:PORT: {value!r}")
+    return host or default_host, int(port)
+
+
+def env(name: str) -> str | None:
+    v = os.environ.get(name)
+    return v if v else None

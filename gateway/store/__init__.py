@@ -1,0 +1,1 @@
+"""State stores: one interface (`base.StateStore`), memory and Redis."""
