@@ -26,7 +26,9 @@ from . import rules
 from .activity import ActivityView
 from .errors import PolicyError, StoreUnavailable
 from .identity import Pseudonymizer, make_identify
-from .live import LiveRegistry
+from .audit import AuditWriter
+from .fleet import POLICY_KEY, follow
+from .live import LiveConn, LiveRegistry
 from .metrics import Metrics
 from .policy import Policy, load_policy, parse_policy
 from .proxy import Proxy, Runtime
@@ -57,7 +59,16 @@ class Gateway:
                            settings.upstream, max_body=settings.max_body,
                            read_timeout=settings.read_timeout)
         self.scheduler = Scheduler(self.metrics)
+        self.audit: AuditWriter | None = None
+        if settings.redis_url:
+            self.audit = AuditWriter(settings.redis_url, settings.instance_name, self.metrics,
+                                     policy.model.timezone, settings.audit_retention_days)
+            self.proxy.on_event = self.audit.record
+            self.live.on_cut_event = self._audit_cut
         self._policy_stamp = self._stamp()
+        # when the live policy was written: the newer of file and fleet push wins
+        self._policy_time = self._policy_stamp[0] if self._policy_stamp else 0.0
+        self._stop_follow = asyncio.Event()
         self.ready = False
         self.metrics.active_lessons.set_function(self.activity.active_lessons)
         self.metrics.students_in_break.set_function(self.activity.students_in_break)
@@ -82,7 +93,18 @@ class Gateway:
     def policy(self) -> Policy:
         return self.runtime.policy
 
+    def _audit_cut(self, conn: LiveConn, rule: str) -> None:
+        if self.audit is None:
+            return
+        region = "base"
+        if conn.student is not None:
+            region = self.policy.profile(conn.student.region, None).region
+        category = conn.route.category if conn.route is not None else "none"
+        self.audit.record("cut", conn.key, rule, category, region)
+
     def _show_policy(self, policy: Policy) -> None:
+        if self.audit is not None:
+            self.audit.policy_version = f"{policy.version}/{policy.sha}"
         self.metrics.policy_info.clear()
         self.metrics.policy_info.labels(str(policy.version), policy.sha).set(1)
         until = policy.national.covered_until + dt.timedelta(days=1)
@@ -143,7 +165,15 @@ class Gateway:
         stamp = self._stamp()
         if stamp is not None and stamp != self._policy_stamp:
             self._policy_stamp = stamp
+            self._policy_time = max(self._policy_time, stamp[0])
             self.reload_file()
+
+    def apply_pushed(self, text: str, pushed_at: float) -> None:
+        """A policy published with `tutorgate policy push` (fleet-wide)."""
+        if pushed_at <= self._policy_time:
+            return
+        self._policy_time = pushed_at
+        self.reload_text(text, "redis:" + POLICY_KEY)
 
     async def reschedule_live(self) -> None:
         """Recompute every open lesson connection's deadline under the live
@@ -204,6 +234,12 @@ class Gateway:
             await start()
         await self.proxy.start(self.settings.pool_size)
         await self.store.subscribe_cuts(self.live.on_cut)
+        follower = None
+        if self.settings.redis_url:
+            follower = asyncio.create_task(
+                follow(self.settings.redis_url, self.apply_pushed, self._stop_follow))
+        if self.audit is not None:
+            await self.audit.start()
         self.scheduler.every("lease-renewal", 10, self.live.renew_leases)
         self.scheduler.every("policy-watch", 1, self.watch_policy)
         self.scheduler.daily("calendar-upkeep", 0, 5, 0, self.policy.model.timezone,
@@ -217,7 +253,13 @@ class Gateway:
         finally:
             self.ready = False
             self.scheduler.shutdown()
+            self._stop_follow.set()
+            if follower is not None:
+                follower.cancel()
+                await asyncio.gather(follower, return_exceptions=True)
             await self.live.close_all("shutdown")
+            if self.audit is not None:
+                await self.audit.close()
             await self.proxy.close()
             await self.store.close()
 

@@ -67,6 +67,8 @@ class LiveRegistry:
         self.by_key: dict[str, set[LiveConn]] = {}
         # Pass-through WebSockets: no deadline, but closed with 1001 on shutdown.
         self.untracked: set[tuple[Any, Any]] = set()
+        # audit hook: (connection, rule) for every enforcing cut
+        self.on_cut_event: Callable[[LiveConn, str], None] | None = None
 
     def __len__(self) -> int:
         return sum(len(s) for s in self.by_key.values())
@@ -96,14 +98,17 @@ class LiveRegistry:
         if conn.timer is not None:
             conn.timer.cancel()
             conn.timer = None
+        # Counted as the close starts: the close handshake may take a while.
+        if rule in ENFORCING:
+            self.metrics.connections_cut.labels(rule, conn.kind).inc()
+            if self.on_cut_event is not None:
+                self.on_cut_event(conn, rule)
+        if late_of is not None:
+            self.metrics.cut_lateness.observe(max(time.time() - late_of, 0.0))
         try:
             await conn.close(rule)
         except Exception:  # a broken socket must not stop the other cuts
             log.exception("closing a %s connection failed", conn.kind)
-        if rule in ENFORCING:
-            self.metrics.connections_cut.labels(rule, conn.kind).inc()
-        if late_of is not None:
-            self.metrics.cut_lateness.observe(max(time.time() - late_of, 0.0))
 
     async def discard(self, conn: LiveConn) -> None:
         """The connection ended (either side): forget it, release its lease."""

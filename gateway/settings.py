@@ -20,6 +20,7 @@ class Settings:
     instance: str = ""
     grace: float = 10.0                 # seconds ordinary requests get on SIGTERM
     pool_size: int = 1000               # upstream connections (WebSockets hold one each)
+    audit_retention_days: float = 180.0  # audit stream trimmed by age
 
     @property
     def instance_name(self) -> str:

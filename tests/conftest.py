@@ -84,3 +84,49 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
     srv = RedisServer(tmp_path)
     yield srv
     srv.stop()
+
+
+# ---------------------------------------------------------------- gateway kit
+
+@pytest.fixture
+async def upstream():  # type: ignore[no-untyped-def]
+    from kit import start_upstream
+
+    up = await start_upstream()
+    yield up
+    assert up.runner is not None
+    await up.runner.cleanup()
+
+
+@pytest.fixture
+async def gateways():  # type: ignore[no-untyped-def]
+    """Factory: `await gateways(policy, upstream_url, **kw)`; all stopped at teardown."""
+    from kit import start_gateway
+
+    started = []
+
+    async def start(policy, upstream_url, **kw):  # type: ignore[no-untyped-def]
+        g = await start_gateway(policy, upstream_url, **kw)
+        started.append(g)
+        return g
+
+    yield start
+    for g in reversed(started):
+        await g.stop()
+
+
+@pytest.fixture
+async def http():  # type: ignore[no-untyped-def]
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store_url(request: pytest.FixtureRequest) -> str | None:
+    """Run an end-to-end test on both stores: None = memory, else a Redis URL."""
+    if request.param == "memory":
+        return None
+    srv: RedisServer = request.getfixturevalue("redis_server")
+    return srv.url

@@ -71,9 +71,12 @@ class MemoryStore:
     async def release(self, key: str, conn_id: str, *, now: float | None = None) -> None:
         t = self._now(now)
         leases = self._leases.get(key)
-        if leases is not None and leases.pop(conn_id, None) is not None:
-            if not leases:
-                del self._leases[key]
+        until = None if leases is None else leases.pop(conn_id, None)
+        if leases is not None and not leases:
+            del self._leases[key]
+        # A lapsed lease (not yet pruned) stopped counting at its expiry: its
+        # release is no activity (the same rule as store/lua/release.lua).
+        if until is not None and until > t:
             st = self._states.get(key)
             if st is not None:
                 self._states[key] = replace(st, last=max(st.last, t))
@@ -82,7 +85,8 @@ class MemoryStore:
         t = self._now(now)
         for key, cid in leases:
             held = self._leases.get(key)
-            if held is not None and cid in held:
+            # Only a live lease is extended: a lapsed one is not revived.
+            if held is not None and held.get(cid, 0.0) > t:
                 held[cid] = t + LEASE_SECONDS
                 st = self._states.get(key)
                 if st is not None:

@@ -1,0 +1,216 @@
+"""The regulator's audit trail: a Redis Stream of enforcement events.
+
+Events (lesson_start, lesson_end, deny, cut) carry the time, the student's
+keyed hash (never the id), region, category, rule, policy version and the
+gateway instance. They are buffered and written in one pipelined batch a
+few times a second, so the hot path gains no round trip; the stream is
+trimmed by age (MINID) as it is written. `tutorgate audit export` and
+`audit report` read it back for an inspection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import datetime as dt
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import redis
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from .metrics import Metrics
+
+log = logging.getLogger("tutorgate.audit")
+
+STREAM = "tutorgate:audit"
+FIELDS = ("time", "event", "student", "rule", "category", "region", "policy_version",
+          "instance", "duration")
+FLUSH_SECONDS = 0.25
+MAX_BUFFER = 100_000  # beyond this (Redis down for long) the oldest events are dropped
+
+
+class AuditWriter:
+    """Buffers events and XADDs them in batches."""
+
+    def __init__(self, url: str, instance: str, metrics: Metrics, tz: str = "Asia/Shanghai",
+                 retention_days: float = 180.0) -> None:
+        self.url = url
+        self.instance = instance
+        self.metrics = metrics
+        self.tz = ZoneInfo(tz)
+        self.retention_ms = int(retention_days * 86400 * 1000)
+        self.policy_version = "1"
+        self._buf: list[dict[str, str]] = []
+        self._redis: aioredis.Redis | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._closing = False
+
+    def record(self, event: str, student: str | None, rule: str | None, category: str,
+               region: str, duration: float | None = None, at: float | None = None) -> None:
+        t = time.time() if at is None else at
+        ev = {
+            "time": dt.datetime.fromtimestamp(t, self.tz).isoformat(timespec="milliseconds"),
+            "event": event, "student": student or "", "rule": rule or "",
+            "category": category, "region": region, "policy_version": self.policy_version,
+            "instance": self.instance,
+        }
+        if duration is not None:
+            ev["duration"] = f"{duration:.3f}"
+        if len(self._buf) >= MAX_BUFFER:
+            del self._buf[0]
+            self.metrics.audit_failures.inc()
+        self._buf.append(ev)
+
+    async def start(self) -> None:
+        self._redis = aioredis.Redis.from_url(self.url, socket_connect_timeout=1,
+                                              socket_timeout=2)
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(FLUSH_SECONDS)
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self._buf or self._redis is None:
+            return
+        batch, self._buf = self._buf, []
+        minid = f"{int(time.time() * 1000) - self.retention_ms}-0"
+        try:
+            async with self._redis.pipeline(transaction=False) as p:
+                for ev in batch:
+                    p.xadd(STREAM, ev, minid=minid, approximate=True)  # type: ignore[arg-type]
+                await p.execute()
+        except (RedisError, OSError):
+            # Keep them for the next flush (Redis may be back by then).
+            self._buf[:0] = batch[-(MAX_BUFFER - len(self._buf)):]
+            log.warning("audit events not written yet (%d buffered)", len(self._buf))
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.flush()
+        if self._buf:
+            self.metrics.audit_failures.inc(len(self._buf))
+        if self._redis is not None:
+            await self._redis.aclose()
+
+
+# ---------------------------------------------------------------- reading
+
+def _ms(value: str | None, default: str) -> str:
+    if value is None:
+        return default
+    t = dt.datetime.fromisoformat(value)
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return str(int(t.timestamp() * 1000))
+
+
+def read_events(r: redis.Redis, since: str | None = None,
+                until: str | None = None) -> Iterator[dict[str, Any]]:
+    """Events oldest first, in pages (the stream may be long)."""
+    start = _ms(since, "-")
+    end = _ms(until, "+")
+    while True:
+        page = r.xrange(STREAM, min=start, max=end, count=1000)
+        if not page:
+            return
+        for eid, fields in page:
+            ev: dict[str, Any] = {k.decode(): v.decode() for k, v in fields.items()}
+            for k in ("rule",):
+                ev[k] = ev.get(k) or None
+            ev["duration"] = float(ev["duration"]) if ev.get("duration") else None
+            ev["id"] = eid.decode()
+            yield ev
+        last = page[-1][0].decode()
+        start = "(" + last
+
+
+def report(events: Iterator[dict[str, Any]], day: dt.date) -> dict[str, Any]:
+    lessons = 0
+    durations: list[float] = []
+    cuts: dict[str, int] = {}
+    denials: dict[str, int] = {}
+    students: set[str] = set()
+    for ev in events:
+        if dt.datetime.fromisoformat(ev["time"]).date() != day:
+            continue
+        kind = ev["event"]
+        if kind == "lesson_start":
+            lessons += 1
+            students.add(ev["student"])
+        elif kind == "lesson_end" and ev["duration"] is not None:
+            durations.append(ev["duration"])
+        elif kind == "cut":
+            cuts[ev["rule"]] = cuts.get(ev["rule"], 0) + 1
+        elif kind == "deny":
+            denials[ev["rule"]] = denials.get(ev["rule"], 0) + 1
+    return {
+        "day": day.isoformat(), "lessons": lessons, "students": len(students),
+        "lessons_ended": len(durations),
+        "lesson_seconds_mean": round(sum(durations) / len(durations), 3) if durations else 0.0,
+        "lesson_seconds_max": round(max(durations), 3) if durations else 0.0,
+        "cuts": cuts, "denials": denials,
+    }
+
+
+def run_audit_command(a: argparse.Namespace) -> int:
+    import os
+    url = a.redis or os.environ.get("TUTORGATE_REDIS_URL")
+    if not url:
+        print("tutorgate: audit needs --redis URL", file=sys.stderr)
+        return 2
+    r = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10)
+    try:
+        if a.audit_command == "export":
+            try:
+                events = read_events(r, a.since, a.until)
+                if a.format == "csv":
+                    w = csv.DictWriter(sys.stdout, fieldnames=[*FIELDS, "id"],
+                                       extrasaction="ignore")
+                    w.writeheader()
+                    for ev in events:
+                        w.writerow(ev)
+                else:
+                    for ev in events:
+                        print(json.dumps(ev, ensure_ascii=False))
+            except ValueError as e:
+                print(f"tutorgate: --since/--until: {e}", file=sys.stderr)
+                return 2
+            return 0
+        try:
+            day = dt.date.fromisoformat(a.day)
+        except ValueError:
+            print(f"tutorgate: --day must be YYYY-MM-DD, got {a.day!r}", file=sys.stderr)
+            return 2
+        # the day's events lie within a day and a half either side in any zone
+        since = dt.datetime.combine(day - dt.timedelta(days=1), dt.time(12), dt.UTC)
+        until = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(12), dt.UTC)
+        rep = report(read_events(r, since.isoformat(), until.isoformat()), day)
+        if a.format == "json":
+            print(json.dumps(rep, ensure_ascii=False))
+        else:
+            print(f"{rep['day']}: {rep['lessons']} lessons by {rep['students']} students; "
+                  f"length mean {rep['lesson_seconds_mean']}s, max {rep['lesson_seconds_max']}s")
+            print("cuts: " + (", ".join(f"{k} {v}" for k, v in sorted(rep["cuts"].items()))
+                              or "none"))
+            print("denials: " + (", ".join(f"{k} {v}" for k, v in
+                                           sorted(rep["denials"].items())) or "none"))
+        return 0
+    except (RedisError, OSError) as e:
+        print(f"tutorgate: cannot read the audit stream: {e}", file=sys.stderr)
+        return 1
+    finally:
+        r.close()

@@ -1,0 +1,243 @@
+"""Test kit: a real upstream and real gateways on loopback sockets, in-process.
+
+The gateway runs its real aiohttp apps on real TCP ports (AppRunner +
+TCPSite); only the process is shared with the test, so tests can reach
+into `gw.gateway` for its metrics and store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import json
+import os
+import socket
+import textwrap
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from aiohttp import WSMsgType, web
+
+from gateway.app import Gateway
+from gateway.policy import Policy, parse_policy
+from gateway.settings import Settings
+from gateway.store.base import StateStore
+
+TZ = ZoneInfo("Asia/Shanghai")
+SUBJECT = "/classroom/subject/math/1"
+ARTS = "/classroom/arts/drawing/1"
+FORBIDDEN = "/api/photo-search"
+
+
+UPSTREAM: web.AppKey[Upstream] = web.AppKey("upstream")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def far_curfew() -> tuple[str, str]:
+    """A curfew window 12 h from now: never in a test's way."""
+    n = dt.datetime.now(TZ)
+    return ((n + dt.timedelta(hours=12)).strftime("%H:%M"),
+            (n + dt.timedelta(hours=13)).strftime("%H:%M"))
+
+
+def policy_text(*, max_duration: str = "4s", min_break: str = "2s", extra: str = "",
+                curfew: tuple[str, str] | None = None, rest_days: str | None = None,
+                routes: str | None = None) -> str:
+    start, end = curfew or far_curfew()
+    rest = rest_days or "{weekends: false, statutory_holidays: false, vacations: []}"
+    routes = routes or textwrap.dedent("""\
+          - {prefix: /classroom/subject/, kind: lesson, category: subject}
+          - {prefix: /classroom/arts/, kind: lesson, category: non_subject}
+          - {prefix: /api/photo-search, kind: forbidden, feature: photo_search}
+        """)
+    return (f"version: 1\ntimezone: Asia/Shanghai\n"
+            f"lesson: {{max_duration: {max_duration}, min_break: {min_break}}}\n"
+            f'curfew: {{start: "{start}", end: "{end}"}}\n'
+            f"rest_days: {rest}\n{extra}\nroutes:\n" + textwrap.indent(routes, "  "))
+
+
+def make_policy(**kw: Any) -> Policy:
+    return parse_policy(policy_text(**kw), "test-policy.yaml")
+
+
+# ---------------------------------------------------------------- upstream
+
+@dataclass
+class Upstream:  # noqa: B903
+    url: str
+    seen: list[dict[str, Any]] = field(default_factory=list)
+    ws_opened: int = 0
+    runner: web.AppRunner | None = None
+
+
+async def _echo(request: web.Request) -> web.StreamResponse:
+    up = request.app[UPSTREAM]
+    h = hashlib.sha256()
+    n = 0
+    async for chunk in request.content.iter_any():
+        h.update(chunk)
+        n += len(chunk)
+    info = {"method": request.method, "path": request.raw_path,
+            "headers": [[k, v] for k, v in request.headers.items()],
+            "body_length": n, "body_sha256": h.hexdigest()}
+    up.seen.append(info)
+    status = int(request.headers.get("X-Echo-Status", "200"))
+    resp = web.json_response(info, status=status, headers={"X-Upstream": "echo"})
+    if "X-Echo-Cookie" in request.headers:
+        resp.set_cookie("sess", request.headers["X-Echo-Cookie"])
+    return resp
+
+
+async def _ws(request: web.Request) -> web.WebSocketResponse:
+    up = request.app[UPSTREAM]
+    up.ws_opened += 1
+    ws = web.WebSocketResponse(autoping=True, protocols=("chat.v1",))
+    await ws.prepare(request)
+    async for msg in ws:
+        if msg.type == WSMsgType.TEXT:
+            if msg.data.startswith("close:"):
+                await ws.close(code=int(msg.data[6:]), message=b"bye")
+                break
+            await ws.send_str(msg.data)
+        elif msg.type == WSMsgType.BINARY:
+            await ws.send_bytes(msg.data)
+    return ws
+
+
+async def _sse(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                       "X-Upstream": "echo"})
+    await resp.prepare(request)
+    i = 0
+    try:
+        while True:
+            await resp.write(f"data: tick {i}\n\n".encode())
+            i += 1
+            await asyncio.sleep(0.1)
+    except (ConnectionResetError, RuntimeError):
+        pass
+    return resp
+
+
+async def _download(request: web.Request) -> web.StreamResponse:
+    n = int(request.query.get("n", "0"))
+    resp = web.StreamResponse(headers={"X-Upstream": "echo"})
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    chunk = b"x" * 65536
+    sent = 0
+    while sent < n:
+        part = chunk[: min(len(chunk), n - sent)]
+        await resp.write(part)
+        sent += len(part)
+    await resp.write_eof()
+    return resp
+
+
+async def _dispatch(request: web.Request) -> web.StreamResponse:
+    if request.path.endswith("/live") and request.headers.get("Upgrade", "").lower() == "websocket":
+        return await _ws(request)
+    if request.path.endswith("/stream"):
+        return await _sse(request)
+    if request.path.endswith("/download"):
+        return await _download(request)
+    if request.path.endswith("/slow"):
+        await asyncio.sleep(float(request.query.get("s", "5")))
+    return await _echo(request)
+
+
+async def start_upstream() -> Upstream:
+    # auto_decompress off: the test must see the bytes the gateway sent
+    app = web.Application(client_max_size=1024 ** 4, handler_args={"auto_decompress": False})
+    port = free_port()
+    up = Upstream(f"http://127.0.0.1:{port}")
+    app[UPSTREAM] = up
+    app.router.add_route("*", "/{tail:.*}", _dispatch)
+    up.runner = web.AppRunner(app, access_log=None)
+    await up.runner.setup()
+    await web.TCPSite(up.runner, "127.0.0.1", port).start()
+    return up
+
+
+# ---------------------------------------------------------------- gateway
+
+@dataclass
+class RunningGateway:
+    gateway: Gateway
+    port: int
+    admin_port: int
+    runners: list[web.AppRunner]
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def ws_url(self, path: str) -> str:
+        return f"ws://127.0.0.1:{self.port}{path}"
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    async def stop(self) -> None:
+        for r in self.runners:
+            await r.cleanup()
+
+
+async def start_gateway(policy: Policy | str, upstream: str, *, redis_url: str | None = None,
+                        store: StateStore | None = None, secret: bytes = b"test-secret",
+                        policy_path: str = "", max_body: int | None = None,
+                        read_timeout: float | None = 300.0) -> RunningGateway:
+    if isinstance(policy, str):
+        policy = parse_policy(policy, "test-policy.yaml")
+    port, admin = free_port(), free_port()
+    settings = Settings(policy_path=policy_path, upstream=upstream, listen=("127.0.0.1", port),
+                        admin_listen=("127.0.0.1", admin), redis_url=redis_url,
+                        id_secret=secret, max_body=max_body, read_timeout=read_timeout,
+                        grace=2.0, instance=f"test-{port}")
+    gw = Gateway(settings, policy, store=store)
+    main = web.AppRunner(gw.main_app(), access_log=None, shutdown_timeout=2.0)
+    adm = web.AppRunner(gw.admin_app(), access_log=None)
+    await main.setup()
+    await adm.setup()
+    await web.TCPSite(main, "127.0.0.1", port).start()
+    await web.TCPSite(adm, "127.0.0.1", admin).start()
+    return RunningGateway(gw, port, admin, [main, adm])
+
+
+def metric(gw: RunningGateway, name: str, **labels: str) -> float:
+    """Sum of a metric's samples whose labels include `labels`."""
+    total = 0.0
+    for fam in gw.gateway.metrics.registry.collect():
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def headers_of(echo: dict[str, Any]) -> dict[str, str]:
+    return {k.lower(): v for k, v in echo["headers"]}
+
+
+async def body_chunks(total: int, size: int = 65536) -> AsyncIterator[bytes]:
+    chunk = os.urandom(size)
+    sent = 0
+    while sent < total:
+        part = chunk[: min(size, total - sent)]
+        sent += len(part)
+        yield part
+
+
+def loads(b: bytes) -> Any:
+    return json.loads(b)

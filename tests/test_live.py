@@ -1,0 +1,243 @@
+"""Live lesson connections: WebSockets and streams, their cut-offs (both stores)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+import pytest
+from kit import ARTS, SUBJECT, TZ, free_port, metric, policy_text
+
+LIVE = "/classroom/arts/room/live"
+STREAM = "/classroom/arts/room/stream"
+
+
+def sid() -> str:
+    return "stu-" + uuid.uuid4().hex[:10]
+
+
+def who(s: str) -> dict[str, str]:
+    return {"X-Student-Id": s}
+
+
+async def test_websocket_echo_and_close_codes(upstream, gateways, http):
+    """A WebSocket relays text and binary both ways, negotiates the upstream's
+    subprotocol, and passes the upstream's close code through."""
+    gw = await gateways(policy_text(max_duration="30m"), upstream.url)
+    async with http.ws_connect(gw.ws_url(LIVE), headers=who(sid()),
+                               protocols=("chat.v1",)) as ws:
+        assert ws.protocol == "chat.v1"
+        await ws.send_str("hello")
+        assert (await ws.receive(timeout=2)).data == "hello"
+        await ws.send_bytes(b"\x00\x01")
+        assert (await ws.receive(timeout=2)).data == b"\x00\x01"
+        await ws.send_str("close:4321")
+        msg = await ws.receive(timeout=2)
+        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 4321
+    # pass-through WebSockets work too
+    async with http.ws_connect(gw.ws_url("/plain/live")) as ws:
+        await ws.send_str("x")
+        assert (await ws.receive(timeout=2)).data == "x"
+
+
+async def test_websocket_cut_at_lesson_limit(upstream, gateways, http, store_url):
+    """An open lesson WebSocket is closed at the lesson limit with a 4000-4999
+    code and reason lesson_limit, within a second of the deadline."""
+    gw = await gateways(policy_text(max_duration="2s", min_break="5s"), upstream.url,
+                        redis_url=store_url)
+    t0 = time.time()
+    async with http.ws_connect(gw.ws_url(LIVE), headers=who(sid())) as ws:
+        msg = await ws.receive(timeout=5)
+        closed_at = time.time()
+    assert msg.type == aiohttp.WSMsgType.CLOSE
+    assert 4000 <= msg.data <= 4999 and msg.extra == "lesson_limit"
+    assert 1.9 <= closed_at - t0 <= 3.0, closed_at - t0
+    assert metric(gw, "tutorgate_connections_cut_total", rule="lesson_limit",
+                  kind="websocket") == 1
+
+
+async def test_websocket_cut_at_curfew(upstream, gateways, http):
+    """A lesson WebSocket open when the curfew starts is closed with reason curfew."""
+    start = (dt.datetime.now(TZ) + dt.timedelta(seconds=3)).replace(microsecond=0)
+    end = start + dt.timedelta(hours=1)
+    if end.date() != start.date():
+        pytest.skip("too close to local midnight")
+    gw = await gateways(policy_text(max_duration="1h", curfew=(f"{start:%H:%M:%S}",
+                                                                f"{end:%H:%M:%S}")),
+                        upstream.url)
+    async with http.ws_connect(gw.ws_url(LIVE), headers=who(sid())) as ws:
+        msg = await ws.receive(timeout=8)
+        closed_at = dt.datetime.now(TZ)
+    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.extra == "curfew"
+    assert 4000 <= msg.data <= 4999
+    assert abs((closed_at - start).total_seconds()) < 1.0
+    # reconnecting is refused while the rule holds, before any upstream connection
+    opened = upstream.ws_opened
+    with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+        await http.ws_connect(gw.ws_url(LIVE), headers=who(sid()))
+    assert e.value.status == 403
+    assert upstream.ws_opened == opened
+
+
+async def test_stream_ends_at_lesson_limit(upstream, gateways, http, store_url):
+    """A server-sent-event stream on a lesson route ends at the limit."""
+    gw = await gateways(policy_text(max_duration="2s", min_break="5s"), upstream.url,
+                        redis_url=store_url)
+    t0 = time.time()
+    got = 0
+    async with http.get(gw.url(STREAM), headers=who(sid())) as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+        assert int(r.headers["X-Lesson-Remaining"]) in (1, 2)
+        with pytest.raises((aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
+                            aiohttp.ClientConnectionError)):
+            async for _ in r.content.iter_any():
+                got += 1
+                if time.time() - t0 > 6:
+                    pytest.fail("stream not cut")
+    took = time.time() - t0
+    assert got > 3 and 1.9 <= took <= 3.0, took
+    assert metric(gw, "tutorgate_connections_cut_total", rule="lesson_limit",
+                  kind="stream") == 1
+
+
+async def test_open_websocket_keeps_lesson_going(upstream, gateways, http, store_url):
+    """While a lesson WebSocket is open, quiet time does not end the lesson:
+    an HTTP request after more than min_break continues the same lesson."""
+    gw = await gateways(policy_text(max_duration="6s", min_break="1s"), upstream.url,
+                        redis_url=store_url)
+    s = sid()
+    async with http.ws_connect(gw.ws_url(LIVE), headers=who(s)):
+        await asyncio.sleep(2.5)
+        async with http.get(gw.url(ARTS), headers=who(s)) as r:
+            remaining = int(r.headers["X-Lesson-Remaining"])
+    assert remaining <= 4, f"a new lesson started: remaining {remaining}"
+
+
+async def test_denied_upgrade_never_reaches_upstream(upstream, gateways, http):
+    """A denied WebSocket upgrade gets the plain HTTP denial (JSON) and no
+    upstream connection is made."""
+    gw = await gateways(policy_text(), upstream.url)
+    opened = upstream.ws_opened
+    for headers, status in (({}, 401), ({"X-Student-Id": sid(), "X-Student-Grade": "preschool"},
+                                        403)):
+        with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+            await http.ws_connect(gw.ws_url(LIVE), headers=headers)
+        assert e.value.status == status
+    assert upstream.ws_opened == opened
+
+
+async def test_two_instances_cut_together(upstream, gateways, http, redis_server):
+    """One student, two WebSockets on two gateway instances sharing Redis:
+    both close together at the shared lesson deadline."""
+    pol = policy_text(max_duration="3s", min_break="5s")
+    a = await gateways(pol, upstream.url, redis_url=redis_server.url)
+    b = await gateways(pol, upstream.url, redis_url=redis_server.url)
+    s = sid()
+    async with http.ws_connect(a.ws_url(LIVE), headers=who(s)) as w1:
+        await asyncio.sleep(1.0)
+        async with http.ws_connect(b.ws_url(LIVE), headers=who(s)) as w2:
+            m1, m2 = await asyncio.gather(w1.receive(timeout=6), w2.receive(timeout=6))
+            t = time.time()
+    assert m1.extra == m2.extra == "lesson_limit"
+    assert m1.type == m2.type == aiohttp.WSMsgType.CLOSE
+    assert time.time() - t < 1.0
+
+
+async def test_policy_revocation_cuts_across_instances(upstream, gateways, http, redis_server):
+    """A cut published by one instance closes the student's connections on
+    every instance within a second."""
+    from gateway.store.base import Cut
+    pol = policy_text(max_duration="1h")
+    a = await gateways(pol, upstream.url, redis_url=redis_server.url)
+    b = await gateways(pol, upstream.url, redis_url=redis_server.url)
+    s = sid()
+    async with http.ws_connect(b.ws_url(LIVE), headers=who(s)) as ws:
+        await asyncio.sleep(0.3)
+        key = a.gateway.pseudonym(s)
+        t = time.time()
+        await a.gateway.store.publish_cut(Cut(key, "policy", "test"))
+        msg = await ws.receive(timeout=3)
+    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.extra == "policy"
+    assert time.time() - t < 1.0
+
+
+def test_sigterm_closes_websockets_with_1001(tmp_path: Path, upstream_process):
+    """On SIGTERM the gateway closes live connections with 1001 and exits 0."""
+    pol = tmp_path / "p.yaml"
+    pol.write_text(policy_text(max_duration="1h"))
+    port, admin = free_port(), free_port()
+    exe = Path(sys.executable).parent / "tutorgate"
+    proc = subprocess.Popen([str(exe), "serve", "--policy", str(pol), "--upstream",
+                             upstream_process, "--listen", f"127.0.0.1:{port}",
+                             "--admin-listen", f"127.0.0.1:{admin}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "TUTORGATE_ID_SECRET": "x"})
+    try:
+        async def scenario() -> tuple[aiohttp.WSMessage, aiohttp.WSMessage]:
+            async with aiohttp.ClientSession() as http:
+                deadline = time.monotonic() + 10
+                while True:
+                    try:
+                        async with http.get(f"http://127.0.0.1:{admin}/healthz") as r:
+                            if r.status == 200:
+                                break
+                    except aiohttp.ClientError:
+                        pass
+                    assert time.monotonic() < deadline, "gateway did not start"
+                    await asyncio.sleep(0.1)
+                async with http.ws_connect(f"ws://127.0.0.1:{port}{LIVE}",
+                                           headers=who(sid())) as lesson_ws, \
+                        http.ws_connect(f"ws://127.0.0.1:{port}/plain/live") as plain_ws:
+                    proc.send_signal(signal.SIGTERM)
+                    return (await lesson_ws.receive(timeout=5),
+                            await plain_ws.receive(timeout=5))
+        m1, m2 = asyncio.run(scenario())
+        assert m1.type == aiohttp.WSMsgType.CLOSE and m1.data == 1001
+        assert m2.type == aiohttp.WSMsgType.CLOSE and m2.data == 1001
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def upstream_process(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """The kit's upstream in a process of its own (for subprocess gateways)."""
+    port = free_port()
+    script = tmp_path / "up.py"
+    script.write_text(
+        "import asyncio, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from kit import start_upstream\n"
+        "import kit\n"
+        f"kit.free_port = lambda: {port}\n"
+        "async def main():\n"
+        "    await start_upstream()\n"
+        "    await asyncio.Event().wait()\n"
+        "asyncio.run(main())\n")
+    proc = subprocess.Popen([sys.executable, str(script)])
+    deadline = time.monotonic() + 10
+    import socket
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(5)
+
+
+_ = (SUBJECT, json)
