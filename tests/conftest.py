@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 import socket
 import subprocess
 import time
@@ -130,3 +131,32 @@ def store_url(request: pytest.FixtureRequest) -> str | None:
         return None
     srv: RedisServer = request.getfixturevalue("redis_server")
     return srv.url
+
+
+@pytest.fixture
+def upstream_process(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """The kit's upstream in a process of its own (for subprocess gateways)."""
+    port = free_port()
+    script = tmp_path / "up.py"
+    script.write_text(
+        "import asyncio, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from kit import start_upstream\n"
+        "import kit\n"
+        f"kit.free_port = lambda: {port}\n"
+        "async def main():\n"
+        "    await start_upstream()\n"
+        "    await asyncio.Event().wait()\n"
+        "asyncio.run(main())\n")
+    proc = subprocess.Popen([sys.executable, str(script)])
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(5)
