@@ -88,7 +88,9 @@ class AuditWriter:
         try:
             async with self._redis.pipeline(transaction=False) as p:
                 for ev in batch:
-                    p.xadd(STREAM, ev, minid=minid, approximate=True)  # type: ignore[arg-type]
+                    # exact MINID: "~" trims only whole stream nodes, so a small
+                    # stream would keep events past their retention
+                    p.xadd(STREAM, ev, minid=minid, approximate=False)  # type: ignore[arg-type]
                 await p.execute()
         except (RedisError, OSError):
             # Keep them for the next flush (Redis may be back by then).

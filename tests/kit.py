@@ -198,14 +198,16 @@ class RunningGateway:
 async def start_gateway(policy: Policy | str, upstream: str, *, redis_url: str | None = None,
                         store: StateStore | None = None, secret: bytes = b"test-secret",
                         policy_path: str = "", max_body: int | None = None,
-                        read_timeout: float | None = 300.0) -> RunningGateway:
+                        read_timeout: float | None = 300.0,
+                        audit_retention_days: float = 180.0) -> RunningGateway:
     if isinstance(policy, str):
         policy = parse_policy(policy, "test-policy.yaml")
     port, admin = free_port(), free_port()
     settings = Settings(policy_path=policy_path, upstream=upstream, listen=("127.0.0.1", port),
                         admin_listen=("127.0.0.1", admin), redis_url=redis_url,
                         id_secret=secret, max_body=max_body, read_timeout=read_timeout,
-                        grace=2.0, instance=f"test-{port}")
+                        grace=2.0, instance=f"test-{port}",
+                        audit_retention_days=audit_retention_days)
     gw = Gateway(settings, policy, store=store)
     main = web.AppRunner(gw.main_app(), access_log=None, shutdown_timeout=2.0)
     adm = web.AppRunner(gw.admin_app(), access_log=None)
