@@ -102,12 +102,12 @@ def _student(sid: str | None, grade_raw: str | None, region: str | None,
              pseudonym: Pseudonymizer) -> Student:
     if sid is None or sid == "":
         return Student(problem="missing", why="no student id")
-    if not _ID.match(sid):
+    if not _ID.fullmatch(sid):
         return Student(problem="malformed", why="student id must be 1-128 of A-Z a-z 0-9 -_.:@")
     grade, ok = parse_grade(grade_raw)
     if not ok:
         return Student(problem="malformed", why="grade must be preschool or 1 to 12")
-    if region is not None and (region == "" or not _REGION.match(region)):
+    if region is not None and not _REGION.fullmatch(region):
         region = None  # an unusable region code falls back to the base policy
     return Student(key=pseudonym(sid), grade=grade, region=region)
 

@@ -221,6 +221,14 @@ class RestDaysOverride(_Model):
     vacations: tuple[VacationSettings, ...] | None = None
     makeup_days_are_rest_days: bool | None = None
 
+    @model_validator(mode="after")
+    def _disjoint(self) -> RestDaysOverride:
+        both = sorted(set(self.extra_holidays or ()) & set(self.extra_workdays or ()))
+        if both:
+            raise ValueError("dates in both extra_holidays and extra_workdays: "
+                             + ", ".join(d.isoformat() for d in both))
+        return self
+
 
 class RouteSettings(_Model):
     prefix: str = Field(min_length=1)
@@ -440,6 +448,8 @@ def _compile(model: PolicyModel, source: str, sha: str, national: NationalCalend
 def _fmt_loc(loc: Sequence[int | str]) -> str:
     out = ""
     for part in loc:
+        if part == "[key]":  # pydantic's marker for "the key itself is wrong"
+            continue
         if isinstance(part, int):
             out += f"[{part}]"
         else:
@@ -498,7 +508,26 @@ def _load_yaml(text: str, source: str) -> tuple[Any, yaml.Node | None]:
         line = mark.line + 1 if mark is not None else None
         problem = getattr(e, "problem", None) or str(e)
         raise PolicyError(source, [("", f"not valid YAML: {problem}", line)]) from None
+    except ValueError as e:
+        # PyYAML builds dates itself: 2026-02-30 looks like a date and fails here.
+        line, value = _bad_date(text)
+        what = f"{value} is not a date ({e})" if value else f"not a valid value: {e}"
+        raise PolicyError(source, [("", what, line)]) from None
     return data, node
+
+
+_DATE_LIKE = re.compile(r"\b(\d{4})-(\d{1,2})-(\d{1,2})\b")
+
+
+def _bad_date(text: str) -> tuple[int | None, str | None]:
+    """The first line holding a date-shaped value that is no date, and the value."""
+    for n, line in enumerate(text.splitlines(), 1):
+        for m in _DATE_LIKE.finditer(line):
+            try:
+                dt.date(int(m.group(1)), int(m.group(2)), int(m.group(3)))
+            except ValueError:
+                return n, m.group(0)
+    return None, None
 
 
 FileReader = Callable[[str], str]
