@@ -46,7 +46,7 @@ class Step:
     started: bool = False        # this step started a lesson
     ended_duration: float | None = None  # this step closed a lesson that lasted this long
     break_taken: float | None = None     # gap before the lesson this step started
-    shadowed: Outcome | None = None      # a shadowed rule that would have denied
+    shadowed: tuple[Outcome, ...] = ()   # shadowed rules that would have denied
 
 
 def lesson_end(state: ClockState, limits: ClockLimits) -> tuple[float, float] | None:
@@ -77,7 +77,7 @@ def advance(state: ClockState, now: float, limits: ClockLimits, day: int,
     used = state.used if state.day == day else 0.0
     current = in_lesson(state, now, limits)
     ended = None if current else lesson_end(state, limits)
-    shadowed: Outcome | None = None
+    shadowed: tuple[Outcome, ...] = ()
 
     if limits.daily_max is not None:
         spent = used
@@ -93,7 +93,7 @@ def advance(state: ClockState, now: float, limits: ClockLimits, day: int,
             if limits.enforce_daily:
                 return Step("daily_limit", now, state.start if current else 0.0, None,
                             max(seconds_to_day_end, 0.0)), state
-            shadowed = "daily_limit"
+            shadowed = ("daily_limit",)
 
     if current:
         new = replace(state, last=max(state.last, now), day=day, used=used)
@@ -107,7 +107,7 @@ def advance(state: ClockState, now: float, limits: ClockLimits, day: int,
         if now < break_end:
             if limits.enforce_break:
                 return Step("break_required", now, 0.0, None, break_end - now), state
-            shadowed = shadowed or "break_required"
+            shadowed = (*shadowed, "break_required")
         duration = end - state.start
         gap = now - end
         if state.day == day:

@@ -14,6 +14,7 @@ exception; only the proxy turns it into HTTP.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -107,6 +108,7 @@ class Pending:
     until_curfew: float
     shadowed: tuple[str, ...] = ()
     checked: tuple[Check, ...] = field(default_factory=tuple)
+    trace: bool = False
 
 
 # ---------------------------------------------------------------- time helpers
@@ -127,92 +129,104 @@ def in_curfew(profile: Profile, local: dt.datetime) -> bool:
     return s <= t < e
 
 
-def curfew_times(profile: Profile, now: float) -> tuple[bool, float, float]:
-    """(inside, seconds until the window ends, seconds until it next starts)."""
-    local = dt.datetime.fromtimestamp(now, profile.tz)
+def _curfew_at(profile: Profile, local: dt.datetime) -> tuple[bool, float, float]:
     inside = in_curfew(profile, local)
     to_end = (_next_at(local, profile.curfew_end) - local).total_seconds()
     to_start = (_next_at(local, profile.curfew_start) - local).total_seconds()
     return inside, to_end, to_start
 
 
-def local_day(profile: Profile, now: float) -> tuple[dt.date, float]:
-    """Local date and seconds until the next local midnight."""
-    local = dt.datetime.fromtimestamp(now, profile.tz)
+def _day_at(profile: Profile, local: dt.datetime) -> tuple[dt.date, float]:
     midnight = dt.datetime.combine(local.date() + dt.timedelta(days=1), dt.time(0),
                                    tzinfo=profile.tz)
     return local.date(), (midnight - local).total_seconds()
 
 
+def curfew_times(profile: Profile, now: float) -> tuple[bool, float, float]:
+    """(inside, seconds until the window ends, seconds until it next starts)."""
+    return _curfew_at(profile, dt.datetime.fromtimestamp(now, profile.tz))
+
+
+def local_day(profile: Profile, now: float) -> tuple[dt.date, float]:
+    """Local date and seconds until the next local midnight."""
+    return _day_at(profile, dt.datetime.fromtimestamp(now, profile.tz))
+
+
 def clock_limits(policy: Policy, profile: Profile) -> ClockLimits:
-    lim = profile.limits
-    return ClockLimits(lim.max_duration, lim.min_break, lim.daily_max,
-                       enforce_break=not policy.is_shadowed(BREAK_REQUIRED),
-                       enforce_daily=not policy.is_shadowed(DAILY_LIMIT))
+    """The lesson-clock limits of a profile (compiled with the policy)."""
+    return profile.clock
 
 
 # ---------------------------------------------------------------- the engine
 
-def precheck(policy: Policy, route: Route, student: Student, now: float) -> Decision | Pending:
+def precheck(policy: Policy, route: Route, student: Student, now: float,
+             trace: bool = False) -> Decision | Pending:
     """The state-free rules, in order. A Decision ends it; Pending goes on to
-    the lesson clock."""
+    the lesson clock. `trace` records every rule checked and why (explain,
+    shadow logs); the hot path skips building those texts."""
     checked: list[Check] = []
     shadowed: list[str] = []
 
-    def hit(rule: str, why: str, retry: float | None = None,
+    def hit(rule: str, why: Callable[[], str], retry: float | None = None,
             region: str = "base") -> Decision | None:
-        checked.append(Check(rule, True, why))
-        if policy.is_shadowed(rule):
+        if trace:
+            checked.append(Check(rule, True, why()))
+        if rule in policy.shadow:
             shadowed.append(rule)
             return None
         return Decision(False, rule, retry, None, tuple(shadowed), tuple(checked), region=region)
 
-    def miss(rule: str, why: str) -> None:
-        checked.append(Check(rule, False, why))
+    def miss(rule: str, why: Callable[[], str]) -> None:
+        if trace:
+            checked.append(Check(rule, False, why()))
 
     if route.kind == "forbidden":
-        d = hit(FORBIDDEN_FEATURE, f"route {route.prefix} is the forbidden feature "
-                                   f"{route.feature or route.prefix}")
+        d = hit(FORBIDDEN_FEATURE, lambda: f"route {route.prefix} is the forbidden feature "
+                                           f"{route.feature or route.prefix}")
         if d is not None:
             return d
         return Decision(True, None, None, None, tuple(shadowed), tuple(checked))
-    miss(FORBIDDEN_FEATURE, f"route {route.prefix} is a {route.category} lesson route")
+    miss(FORBIDDEN_FEATURE, lambda: f"route {route.prefix} is a {route.category} lesson route")
 
-    if student.problem == "missing":
-        d = hit(IDENTITY_REQUIRED, student.why or "no student id")
+    if student.problem is not None:
+        if student.problem == "missing":
+            d = hit(IDENTITY_REQUIRED, lambda: student.why or "no student id")
+        else:
+            miss(IDENTITY_REQUIRED, lambda: "a student id is present")
+            d = hit(BAD_IDENTITY, lambda: student.why or "malformed student id or grade")
         if d is not None:
             return d
         # shadowed: nobody to keep a clock for
         return Decision(True, None, None, None, tuple(shadowed), tuple(checked))
-    miss(IDENTITY_REQUIRED, "a student id is present")
-    if student.problem == "malformed":
-        d = hit(BAD_IDENTITY, student.why or "malformed student id or grade")
-        if d is not None:
-            return d
-        return Decision(True, None, None, None, tuple(shadowed), tuple(checked))
-    miss(BAD_IDENTITY, "student id and grade are well formed")
+    miss(IDENTITY_REQUIRED, lambda: "a student id is present")
+    miss(BAD_IDENTITY, lambda: "student id and grade are well formed")
 
     grade = student.grade
     profile = policy.profile(student.region,
                              stage_of(grade) if isinstance(grade, int) else None)
     region = profile.region
     if grade == "preschool":
-        d = hit(PRESCHOOL, "grade is preschool: no online training at all", region=region)
+        d = hit(PRESCHOOL, lambda: "grade is preschool: no online training at all",
+                region=region)
         if d is not None:
             return d
     else:
-        miss(PRESCHOOL, f"grade {grade if grade is not None else 'not given'}")
+        miss(PRESCHOOL, lambda: f"grade {grade if grade is not None else 'not given'}")
 
-    inside, to_end, to_start = curfew_times(profile, now)
-    window = f"{profile.curfew_start:%H:%M:%S}-{profile.curfew_end:%H:%M:%S} {profile.tz.key}"
+    local = dt.datetime.fromtimestamp(now, profile.tz)
+    inside, to_end, to_start = _curfew_at(profile, local)
+
+    def window() -> str:
+        return f"{profile.curfew_start:%H:%M:%S}-{profile.curfew_end:%H:%M:%S} {profile.tz.key}"
+
     if inside:
-        d = hit(CURFEW, f"inside the curfew {window}", to_end, region=region)
+        d = hit(CURFEW, lambda: f"inside the curfew {window()}", to_end, region=region)
         if d is not None:
             return d
     else:
-        miss(CURFEW, f"outside the curfew {window}; it starts in {int(to_start)}s")
+        miss(CURFEW, lambda: f"outside the curfew {window()}; it starts in {int(to_start)}s")
 
-    today, to_midnight = local_day(profile, now)
+    today, to_midnight = _day_at(profile, local)
     if route.category == "subject":
         rest = profile.calendar.rest_day(today)
         if rest is not None:
@@ -220,42 +234,48 @@ def precheck(policy: Policy, route: Route, student: Student, now: float) -> Deci
             retry = None
             if nxt is not None:
                 retry = to_midnight + (nxt - today - dt.timedelta(days=1)).days * 86400.0
-            d = hit(REST_DAY, f"{today} is a rest day ({rest.reason}: {rest.name})", retry,
-                    region=region)
+            d = hit(REST_DAY, lambda: f"{today} is a rest day ({rest.reason}: {rest.name})",
+                    retry, region=region)
             if d is not None:
                 return d
         else:
-            miss(REST_DAY, f"{today} is a school day")
+            miss(REST_DAY, lambda: f"{today} is a school day")
     else:
-        miss(REST_DAY, "non-subject classes are not bound by rest days")
+        miss(REST_DAY, lambda: "non-subject classes are not bound by rest days")
 
-    return Pending(route, student, profile, clock_limits(policy, profile), today.toordinal(),
-                   to_midnight, to_start, tuple(shadowed), tuple(checked))
+    return Pending(route, student, profile, profile.clock, today.toordinal(),
+                   to_midnight, to_start, tuple(shadowed), tuple(checked), trace)
 
 
 def finish(pending: Pending, step: Step) -> Decision:
     """Turn the clock's step into the decision."""
+    trace = pending.trace
     checked = list(pending.checked)
     shadowed = list(pending.shadowed)
     region = pending.profile.region
     lim = pending.limits
     if step.outcome == DAILY_LIMIT:
-        checked.append(Check(DAILY_LIMIT, True, f"today's lesson time reached {lim.daily_max}s"))
+        if trace:
+            checked.append(Check(DAILY_LIMIT, True,
+                                 f"today's lesson time reached {lim.daily_max:g}s"))
         return Decision(False, DAILY_LIMIT, step.retry_after, None, tuple(shadowed),
                         tuple(checked), step, region)
     if lim.daily_max is not None:
-        daily_hit = step.shadowed == DAILY_LIMIT
-        checked.append(Check(DAILY_LIMIT, daily_hit, f"daily_max {lim.daily_max:g}s"))
+        daily_hit = DAILY_LIMIT in step.shadowed
+        if trace:
+            checked.append(Check(DAILY_LIMIT, daily_hit, f"daily_max {lim.daily_max:g}s"))
         if daily_hit:
             shadowed.append(DAILY_LIMIT)
     if step.outcome == BREAK_REQUIRED:
-        checked.append(Check(BREAK_REQUIRED, True,
-                             f"the break lasts {lim.min_break:g}s after a lesson"))
+        if trace:
+            checked.append(Check(BREAK_REQUIRED, True,
+                                 f"the break lasts {lim.min_break:g}s after a lesson"))
         return Decision(False, BREAK_REQUIRED, step.retry_after, None, tuple(shadowed),
                         tuple(checked), step, region)
-    brk = step.shadowed == BREAK_REQUIRED
-    checked.append(Check(BREAK_REQUIRED, brk,
-                         "a new lesson starts" if step.started else "the lesson goes on"))
+    brk = BREAK_REQUIRED in step.shadowed
+    if trace:
+        checked.append(Check(BREAK_REQUIRED, brk,
+                             "a new lesson starts" if step.started else "the lesson goes on"))
     if brk:
         shadowed.append(BREAK_REQUIRED)
     remaining = step.remaining if step.remaining is not None else float(lim.max_duration)
@@ -271,7 +291,7 @@ def finish(pending: Pending, step: Step) -> Decision:
 def decide(policy: Policy, route: Route, student: Student, state: ClockState,
            now: float) -> tuple[Decision, ClockState]:
     """The whole decision for one request, given the student's clock state."""
-    pre = precheck(policy, route, student, now)
+    pre = precheck(policy, route, student, now, trace=True)
     if isinstance(pre, Decision):
         return pre, state
     step, new_state = advance(state, now, pre.limits, pre.day, pre.seconds_to_day_end)
