@@ -103,6 +103,7 @@ class Gateway:
         self.audit.record("cut", conn.key, rule, category, region)
 
     def _show_policy(self, policy: Policy) -> None:
+        self.metrics.prime(policy.region_labels(), sorted(policy.shadow))
         if self.audit is not None:
             self.audit.policy_version = f"{policy.version}/{policy.sha}"
         self.metrics.policy_info.clear()
@@ -247,6 +248,11 @@ class Gateway:
         self.scheduler.set_curfew_jobs(self.policy, self.curfew_cut)
         self.scheduler.start()
         await self.calendar_upkeep()
+        # store_up starts from a real answer, not from the first lesson request
+        try:
+            self.metrics.store_up.set(1 if await self.store.ping() else 0)
+        except StoreUnavailable:
+            self.metrics.store_up.set(0)
         self.ready = True
         try:
             yield

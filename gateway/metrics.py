@@ -9,6 +9,8 @@ Never an id, an IP or a raw path.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 # The *_created series double the exposition for no regulator's question.
@@ -86,7 +88,8 @@ class Metrics:
             "tutorgate_unknown_region_total",
             "Requests whose region code the policy does not list (base policy used).", registry=r)
         self.scheduler_failures = Counter(
-            "tutorgate_scheduler_job_failures_total", "Scheduled jobs that raised.", ["job"],
+            "tutorgate_scheduler_job_failures_total", "Scheduled jobs that raised.",
+            ["task"],  # not "job": Prometheus's own target label
             registry=r)
         self.cut_lateness = Histogram(
             "tutorgate_cut_lateness_seconds",
@@ -95,3 +98,37 @@ class Metrics:
         self.audit_failures = Counter(
             "tutorgate_audit_write_failures_total", "Audit events that could not be written.",
             registry=r)
+
+    def prime(self, region_labels: Sequence[str], shadowed: Sequence[str] = ()) -> None:
+        """Create the series a dashboard asks about before their first event.
+
+        A labelled counter only exists from its first increment, and
+        `increase()` never counts that first step: without this a single
+        photo-search attempt would show as 0 on the regulator's dashboard.
+        """
+        lesson_rules = ("identity_required", "bad_identity", "preschool", "curfew",
+                        "daily_limit", "break_required", "state_unavailable")
+        for region in region_labels:
+            self.decisions.labels("deny", "forbidden_feature", "forbidden", region)
+            for category in ("subject", "non_subject"):
+                self.decisions.labels("allow", "none", category, region)
+                for rule in lesson_rules:
+                    self.decisions.labels("deny", rule, category, region)
+                for rule in shadowed:
+                    self.decisions.labels("shadow_deny", rule, category, region)
+            self.decisions.labels("deny", "rest_day", "subject", region)
+            self.lessons_started.labels(region)
+            self.lesson_duration.labels(region)
+        for honoured in ("true", "false"):
+            self.breaks_honoured.labels(honoured)
+        for rule in ("lesson_limit", "curfew", "daily_limit", "policy"):
+            for kind in ("websocket", "stream"):
+                self.connections_cut.labels(rule, kind)
+        for kind in ("websocket", "stream"):
+            self.open_connections.labels(kind)
+        for category in ("subject", "non_subject"):
+            self.fail_open.labels(category)
+        for reason in ("connect", "broken", "timeout"):
+            self.upstream_errors.labels(reason)
+        for route in ("passthrough", "lesson", "forbidden"):
+            self.upstream_latency.labels(route)

@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from .calendar import CalendarYear, Holiday, NationalCalendar, RestCalendar, Vacation
+from .clock import ClockLimits
 from .errors import PolicyError
 
 # ---------------------------------------------------------------- scalars
@@ -101,6 +102,8 @@ SHADOWABLE = ("forbidden_feature", "identity_required", "bad_identity", "prescho
 ShadowRule = Literal["forbidden_feature", "identity_required", "bad_identity", "preschool",
                      "curfew", "rest_day", "daily_limit", "break_required"]
 Stage = Literal["primary", "junior", "senior"]
+# Key of the profile used for region codes the policy does not list.
+OTHER_REGION = "\x00other"
 
 
 class _Model(BaseModel):
@@ -338,6 +341,7 @@ class Profile:
     curfew_end: dt.time
     calendar: RestCalendar
     limits: Limits
+    clock: ClockLimits     # the limits as the lesson clock takes them (shadowing applied)
 
 
 @dataclass(frozen=True)
@@ -370,11 +374,15 @@ class Policy:
         return None
 
     def profile(self, region: str | None, stage: str | None) -> Profile:
-        """Unknown regions fall back to the base policy (callers count it)."""
+        """Unknown regions get the base policy, labelled "other" in metrics."""
         p = self.profiles.get((region, stage))
         if p is None:
-            p = self.profiles[(None, stage)]
+            p = self.profiles[(None if region is None else OTHER_REGION, stage)]
         return p
+
+    def region_labels(self) -> tuple[str, ...]:
+        """Every value the `region` metric label can take (a closed list)."""
+        return ("base", "other", *self.model.regions)
 
     def knows_region(self, region: str) -> bool:
         return region in self.model.regions
@@ -423,9 +431,13 @@ def _compile(model: PolicyModel, source: str, sha: str, national: NationalCalend
                 daily = dmax
         return Limits(mx, mb, daily)
 
+    shadow = frozenset(SHADOWABLE) if model.mode == "shadow" else frozenset(model.shadow_rules)
     profiles: dict[tuple[str | None, str | None], Profile] = {}
     regions: list[tuple[str | None, RegionSettings | None]] = [(None, None)]
     regions += list(model.regions.items())
+    # The base settings once more under the label "other", for codes the
+    # policy does not list (a region label must come from a closed list).
+    regions.append((OTHER_REGION, None))
     base_cal = calendar(None)
     for code, reg in regions:
         tz = ZoneInfo((reg.timezone if reg and reg.timezone else None) or model.timezone)
@@ -435,10 +447,13 @@ def _compile(model: PolicyModel, source: str, sha: str, national: NationalCalend
         for stage in (None, "primary", "junior", "senior"):
             st = model.stages.get(stage) if stage else None  # type: ignore[arg-type]
             stage_layer = (st.lesson if st else None, st.daily_max if st else None)
+            lim = limits(region_layer, stage_layer)
             profiles[(code, stage)] = Profile(
-                region=code or "base", tz=tz, curfew_start=cf.start, curfew_end=cf.end,
-                calendar=cal, limits=limits(region_layer, stage_layer))
-    shadow = frozenset(SHADOWABLE) if model.mode == "shadow" else frozenset(model.shadow_rules)
+                region="other" if code == OTHER_REGION else code or "base", tz=tz, curfew_start=cf.start, curfew_end=cf.end,
+                calendar=cal, limits=lim,
+                clock=ClockLimits(lim.max_duration, lim.min_break, lim.daily_max,
+                                  enforce_break="break_required" not in shadow,
+                                  enforce_daily="daily_limit" not in shadow))
     return Policy(model=model, source=source, sha=sha, routes=routes, profiles=profiles,
                   national=national, shadow=shadow)
 

@@ -144,14 +144,10 @@ class Proxy:
         if isinstance(pre, rules.Pending):
             assert student.key is not None
             try:
-                t0 = time.perf_counter()
+                # store latency, errors and up are reported by the store itself
                 step = await self.store.advance(student.key, pre.limits, pre.day,
                                                 pre.seconds_to_day_end, hold=conn_id)
-                self.metrics.store_latency.labels("advance").observe(time.perf_counter() - t0)
-                self.metrics.store_up.set(1)
             except StoreUnavailable:
-                self.metrics.store_errors.labels("advance").inc()
-                self.metrics.store_up.set(0)
                 decision = rules.unavailable(pre, policy.fail_open)
                 if decision.allowed:
                     self.metrics.fail_open.labels(route.category).inc()
@@ -339,6 +335,11 @@ class Proxy:
             return self._upstream_error(request, "connect", status if status >= 500 else 502)
         ws = web.WebSocketResponse(protocols=[up_ws.protocol] if up_ws.protocol else (),
                                    autoping=False, autoclose=False, max_msg_size=0)
+        if lesson is not None:
+            ws.headers["X-Lesson-Remaining"] = str(
+                max(math.floor(lesson.decision.lesson_remaining or 0.0), 0))
+            # live connections also get the exact cut-off time (Unix seconds)
+            ws.headers["X-Lesson-Deadline"] = f"{deadline_of(lesson.decision)[0]:.3f}"
         await ws.prepare(request)
         conn: LiveConn | None = None
         if lesson is not None:

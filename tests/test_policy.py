@@ -11,6 +11,8 @@ import datetime as dt
 from pathlib import Path
 from typing import NamedTuple
 
+from dataclasses import replace
+
 import pytest
 
 from gateway.errors import PolicyError
@@ -288,10 +290,13 @@ def test_stage_override_applies_inside_a_region() -> None:
 
 @pytest.mark.parametrize("region", ["110000", "", "unknown"])
 def test_unknown_region_falls_back_to_base(region: str) -> None:
-    """A region code the policy does not list gets the base profile for the same stage."""
+    """A region code the policy does not list gets the base settings for the same
+    stage, labelled "other" (metric labels come from a closed list)."""
     p = policy(REGIONS)
-    assert p.profile(region, "senior") is p.profile(None, "senior")
-    assert p.profile(region, None).region == "base"
+    other, base = p.profile(region, "senior"), p.profile(None, "senior")
+    assert replace(other, region="base") == base
+    assert p.profile(region, None).region == "other"
+    assert "other" in p.region_labels() and "650000" in p.region_labels()
 
 
 @pytest.mark.parametrize(("grade", "stage"), [

@@ -235,14 +235,16 @@ def test_decide(case: Case) -> None:
 
 
 def test_region_of_the_decision() -> None:
-    """A decision names the region profile used: the region's code, or base for unknown codes."""
+    """A decision names the region profile used: the region's code, "other" for
+    unknown codes, "base" for students without one."""
     p = policy(REGION)
     route = p.match(SUBJECT)
     assert route is not None
     now = ts("2026-03-03 10:00")
     known, _ = decide(p, route, pupil(5, "650000"), ClockState(), now)
     unknown, _ = decide(p, route, pupil(5, "110000"), ClockState(), now)
-    assert (known.region, unknown.region) == ("650000", "base")
+    none, _ = decide(p, route, pupil(5, None), ClockState(), now)
+    assert (known.region, unknown.region, none.region) == ("650000", "other", "base")
 
 
 # ---------------------------------------------------------------- decision order

@@ -1,0 +1,365 @@
+"""Shared plumbing for the benchmark scripts: child processes, ports, /proc readings.
+
+Everything here binds and connects to 127.0.0.1 only. Child processes are tied to
+the parent (``PR_SET_PDEATHSIG``) and stopped by :class:`Children` on exit, so a
+benchmark never leaves servers behind, even when it is killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime as dt
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO
+from zoneinfo import ZoneInfo
+
+HOST = "127.0.0.1"
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+LOG_DIR = RESULTS_DIR / "logs"
+POLICY_TEMPLATE = BENCH_DIR / "policy.yaml"
+POLICY_TZ = ZoneInfo("Asia/Shanghai")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+_PR_SET_PDEATHSIG = 1
+
+
+class BenchError(RuntimeError):
+    """A step of the benchmark could not be carried out."""
+
+
+# --------------------------------------------------------------------------- ports
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# --------------------------------------------------------------------------- children
+
+
+def die_with_parent() -> None:
+    """Run in a child between fork and exec: SIGTERM it when this process dies."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class Child:
+    """One server process started by a benchmark, with its output in a log file."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    _log: IO[bytes] = field(repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, grace: float = 5.0) -> int | None:
+        """SIGTERM, wait up to ``grace`` seconds, then SIGKILL. Returns the exit status."""
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=grace)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(timeout=grace)
+            return self.proc.returncode
+        finally:
+            self._log.close()
+
+
+class Children:
+    """Starts servers and stops every one of them (newest first) when the block ends."""
+
+    def __init__(self) -> None:
+        self._children: list[Child] = []
+
+    def __enter__(self) -> Children:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+    def start(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> Child:
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        log_path = LOG_DIR / f"{name}.log"
+        log = log_path.open("wb")
+        full_env = dict(os.environ)
+        if env:
+            full_env.update(env)
+        try:
+            proc = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=full_env,
+                preexec_fn=die_with_parent,  # the parent starts children from one thread
+            )
+        except BaseException:
+            log.close()
+            raise
+        child = Child(name=name, proc=proc, log_path=log_path, _log=log)
+        self._children.append(child)
+        return child
+
+    def stop(self, child: Child) -> int | None:
+        if child in self._children:
+            self._children.remove(child)
+        return child.stop()
+
+    def stop_all(self) -> None:
+        while self._children:
+            child = self._children.pop()
+            with contextlib.suppress(Exception):
+                child.stop()
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM/SIGHUP into SystemExit so ``finally`` blocks stop the children."""
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGHUP, handler)
+
+
+# --------------------------------------------------------------------------- http
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def http_get(url: str, headers: Mapping[str, str] | None = None, timeout: float = 5.0) -> Answer:
+    """A GET that returns the answer for any status (no exception on 4xx/5xx)."""
+    if not url.startswith(f"http://{HOST}:"):
+        raise BenchError(f"refusing a non-loopback URL: {url}")
+    request = urllib.request.Request(url, headers=dict(headers or {}))
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return Answer(resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read())
+    except urllib.error.HTTPError as err:
+        body = err.read()
+        return Answer(err.code, {k.lower(): v for k, v in err.headers.items()}, body)
+
+
+def wait_http(url: str, child: Child, *, want: int | None = None, timeout: float = 20.0) -> Answer:
+    """Poll ``url`` until it answers (with status ``want`` if given) or time runs out."""
+    deadline = time.monotonic() + timeout
+    last: str = "no answer"
+    while time.monotonic() < deadline:
+        if not child.alive():
+            raise BenchError(
+                f"{child.name} exited with status {child.proc.returncode} before it was "
+                f"ready; last log lines:\n{child.log_tail()}"
+            )
+        try:
+            answer = http_get(url, timeout=1.0)
+        except (OSError, urllib.error.URLError) as err:
+            last = str(err)
+        else:
+            if want is None or answer.status == want:
+                return answer
+            last = f"status {answer.status}: {answer.body[:200]!r}"
+        time.sleep(0.1)
+    raise BenchError(
+        f"{child.name} not ready at {url} after {timeout:.0f}s ({last}); "
+        f"last log lines:\n{child.log_tail()}"
+    )
+
+
+def wait_tcp(port: int, child: Child, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not child.alive():
+            raise BenchError(f"{child.name} exited early:\n{child.log_tail()}")
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise BenchError(f"{child.name} does not accept connections on port {port}")
+
+
+# --------------------------------------------------------------------------- /proc
+
+
+def _read_stat(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces: split after its closing parenthesis.
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every live process below it."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _read_stat(int(entry.name))
+        if fields is not None:
+            parents.setdefault(int(fields[1]), []).append(int(entry.name))
+    tree, todo = [pid], [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        tree.extend(kids)
+        todo.extend(kids)
+    return tree
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of ``pid`` and its children, live and reaped."""
+    ticks = 0
+    for index, member in enumerate(descendants(pid)):
+        fields = _read_stat(member)
+        if fields is None:
+            continue
+        # After the ")" split: [0]=state, utime=[11], stime=[12], cutime=[13], cstime=[14].
+        ticks += int(fields[11]) + int(fields[12])
+        if index == 0:  # children already reaped count once, through the root
+            ticks += int(fields[13]) + int(fields[14])
+    return ticks / CLK_TCK
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of ``pid`` and its live children (VmRSS), in bytes."""
+    total = 0
+    for member in descendants(pid):
+        try:
+            status = Path(f"/proc/{member}/status").read_text()
+        except OSError:
+            continue
+        match = re.search(r"^VmRSS:\s+(\d+)\s+kB", status, re.MULTILINE)
+        if match:
+            total += int(match.group(1)) * 1024
+    return total
+
+
+# --------------------------------------------------------------------------- gateway
+
+
+def tutorgate_executable() -> Path:
+    """The ``tutorgate`` console script next to the running interpreter.
+
+    ``BENCH_TUTORGATE=/path/to/tutorgate`` overrides it (another build or install).
+    """
+    override = os.environ.get("BENCH_TUTORGATE")
+    return Path(override) if override else Path(sys.executable).parent / "tutorgate"
+
+
+def check_tutorgate() -> str | None:
+    """None if ``tutorgate --help`` works, else a one-line reason it does not."""
+    exe = tutorgate_executable()
+    if not exe.exists():
+        return f"{exe} not found (pip install -e . into this interpreter's venv)"
+    try:
+        done = subprocess.run([str(exe), "--help"], capture_output=True, timeout=30, check=False)
+    except subprocess.TimeoutExpired:
+        return f"{exe} --help did not finish in 30 s"
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).decode(errors="replace").strip().splitlines()
+        return f"{exe} --help exited {done.returncode}: {tail[-1] if tail else ''}"
+    return None
+
+
+def curfew_far_from_now(now: dt.datetime | None = None) -> tuple[str, str]:
+    """A two-hour curfew window centred about 12 h from now, as "HH:MM" in Asia/Shanghai."""
+    local = (now or dt.datetime.now(POLICY_TZ)).astimezone(POLICY_TZ)
+    start = local + dt.timedelta(hours=11)
+    end = local + dt.timedelta(hours=13)
+    return start.strftime("%H:%M"), end.strftime("%H:%M")
+
+
+def write_policy(dest: Path, now: dt.datetime | None = None) -> tuple[str, str]:
+    """Copy bench/policy.yaml to ``dest`` with the curfew moved ~12 h away from now."""
+    start, end = curfew_far_from_now(now)
+    text = POLICY_TEMPLATE.read_text()
+    text, n_start = re.subn(r'"\d\d:\d\d"(\s*# bench:curfew_start)', rf'"{start}"\g<1>', text)
+    text, n_end = re.subn(r'"\d\d:\d\d"(\s*# bench:curfew_end)', rf'"{end}"\g<1>', text)
+    if n_start != 1 or n_end != 1:
+        raise BenchError(f"{POLICY_TEMPLATE}: curfew start/end markers not found")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(text)
+    return start, end
+
+
+def gateway_argv(
+    policy: Path, upstream_url: str, port: int, admin_port: int, redis_url: str | None
+) -> list[str]:
+    argv = [
+        str(tutorgate_executable()),
+        "serve",
+        "--policy",
+        str(policy),
+        "--upstream",
+        upstream_url,
+        "--listen",
+        f"{HOST}:{port}",
+        "--admin-listen",
+        f"{HOST}:{admin_port}",
+    ]
+    if redis_url is not None:
+        argv += ["--redis", redis_url]
+    return argv
+
+
+def gateway_env() -> dict[str, str]:
+    return {"TUTORGATE_ID_SECRET": "bench-" + secrets.token_hex(16)}
+
+
+def redis_argv(port: int) -> list[str]:
+    return [
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        HOST,
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]
+
+
+def script_argv(script: str, *args: str) -> list[str]:
+    """Run one of the bench/*.py servers with the current interpreter."""
+    return [sys.executable, str(BENCH_DIR / script), *args]
