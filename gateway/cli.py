@@ -84,17 +84,31 @@ def cmd_serve(a: argparse.Namespace) -> int:
         if policy.model.rest_days.calendar_gap == "refuse":
             return _fail(gap)
         log.warning("%s", gap)
-    max_body = env("TUTORGATE_MAX_BODY")
+    try:
+        max_body = _int_env("TUTORGATE_MAX_BODY")
+        pool = _int_env("TUTORGATE_UPSTREAM_POOL")
+    except ValueError as e:
+        return _fail(str(e))
     settings = Settings(
         policy_path=policy_path, upstream=upstream, listen=listen, admin_listen=admin,
         redis_url=redis_url, id_secret=secret.encode() if secret else None,
-        max_body=int(max_body) if max_body else None, instance=env("TUTORGATE_INSTANCE") or "")
+        max_body=max_body, instance=env("TUTORGATE_INSTANCE") or "",
+        **({"pool_size": pool} if pool else {}))
     from .app import serve
     _use_uvloop()
     try:
         return asyncio.run(serve(settings, policy))
     except OSError as e:
         return _fail(f"cannot listen: {e}", 1)
+
+
+def _int_env(name: str) -> int | None:
+    v = env(name)
+    if v is None:
+        return None
+    if not v.isdigit():
+        raise ValueError(f"{name} must be a whole number, got {v!r}")
+    return int(v)
 
 
 def _calendar_gap(policy: Policy) -> str | None:

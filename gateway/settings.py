@@ -19,7 +19,9 @@ class Settings:
     read_timeout: float | None = 300.0  # upstream idle read timeout, seconds
     instance: str = ""
     grace: float = 10.0                 # seconds ordinary requests get on SIGTERM
-    pool_size: int = 1000               # upstream connections (WebSockets hold one each)
+    # Upstream connections. Every open WebSocket holds one for its whole life
+    # (NOTES.md), so this bounds live connections too.
+    pool_size: int = 20000
     audit_retention_days: float = 180.0  # audit stream trimmed by age
 
     @property
