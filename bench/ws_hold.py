@@ -10,7 +10,8 @@ connection), then waits for the gateway to cut every one of them at the
 lesson limit and prints the lateness of the cut-offs: the close frame's
 arrival at the client minus the deadline the gateway stated in the
 handshake's `X-Lesson-Deadline` header. The gateway's own
-`tutorgate_cut_lateness_seconds` histogram is printed beside it. Targets (issue #3): p99 lateness under 250 ms, under 50 KiB per connection.
+`tutorgate_cut_lateness_seconds` histogram is printed beside it.
+Targets (issue #3): p99 lateness under 250 ms, under 50 KiB per connection.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def raise_fd_limit(n: int) -> None:
 
 def percentile(xs: list[float], p: float) -> float:
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 async def hold(url: str, n: int, lesson: float, concurrency: int,

@@ -24,10 +24,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import rules
 from .activity import ActivityView
-from .errors import PolicyError, StoreUnavailable
-from .identity import Pseudonymizer, make_identify
 from .audit import AuditWriter
+from .errors import PolicyError, StoreUnavailable
 from .fleet import POLICY_KEY, follow
+from .identity import Pseudonymizer, make_identify
 from .live import LiveConn, LiveRegistry
 from .metrics import Metrics
 from .policy import Policy, load_policy, parse_policy

@@ -126,18 +126,17 @@ def read_events(r: redis.Redis, since: str | None = None,
     start = _ms(since, "-")
     end = _ms(until, "+")
     while True:
-        page = r.xrange(STREAM, min=start, max=end, count=1000)
+        page: list[tuple[bytes, dict[bytes, bytes]]] = r.xrange(  # type: ignore[assignment]
+            STREAM, min=start, max=end, count=1000)
         if not page:
             return
         for eid, fields in page:
             ev: dict[str, Any] = {k.decode(): v.decode() for k, v in fields.items()}
-            for k in ("rule",):
-                ev[k] = ev.get(k) or None
+            ev["rule"] = ev.get("rule") or None
             ev["duration"] = float(ev["duration"]) if ev.get("duration") else None
             ev["id"] = eid.decode()
             yield ev
-        last = page[-1][0].decode()
-        start = "(" + last
+        start = "(" + page[-1][0].decode()
 
 
 def report(events: Iterator[dict[str, Any]], day: dt.date) -> dict[str, Any]:

@@ -95,7 +95,8 @@ class NationalCalendar:
         if day.year in self._years:
             return self._years[day.year][0].get(day)
         if day.year in self._packaged:
-            return _cc.holidays.get(day)
+            name = _cc.holidays.get(day)
+            return None if name is None else str(name)
         return None
 
     def is_makeup_workday(self, day: dt.date) -> bool:

@@ -7,7 +7,6 @@ import asyncio
 import datetime as dt
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path

@@ -25,7 +25,8 @@ def explain(policy: Policy, path: str, at: dt.datetime, *, grade: str | None = N
                 "note": "no route matches: passed through, unenforced"}
     g, ok = parse_grade(grade)
     if not ok:
-        student = rules.Student(problem="malformed", why=f"grade {grade!r} is not preschool or 1-12")
+        student = rules.Student(problem="malformed",
+                                why=f"grade {grade!r} is not preschool or 1-12")
     else:
         student = rules.Student(key="explain", grade=g, region=region)
     state = ClockState()

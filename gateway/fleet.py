@@ -24,6 +24,12 @@ POLICY_KEY = "tutorgate:policy"
 CHANNEL = "tutorgate:policy"
 
 
+def _hash(got: dict[str, str]) -> tuple[str, float] | None:
+    if not got or not got.get("text"):
+        return None
+    return got["text"], float(got.get("pushed_at", "0"))
+
+
 def _client(url: str) -> aioredis.Redis:
     return aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5,
                                    decode_responses=True)
@@ -44,12 +50,9 @@ async def fetch_policy(url: str) -> tuple[str, float] | None:
     """The pushed policy text and when it was pushed, if any."""
     r = _client(url)
     try:
-        got = await r.hgetall(POLICY_KEY)
+        return _hash(await r.hgetall(POLICY_KEY))  # type: ignore[arg-type]
     finally:
         await r.aclose()
-    if not got or "text" not in got:
-        return None
-    return got["text"], float(got.get("pushed_at", "0"))
 
 
 async def follow(url: str, apply: Callable[[str, float], None],
@@ -62,17 +65,17 @@ async def follow(url: str, apply: Callable[[str, float], None],
         try:
             async with r.pubsub() as ps:
                 await ps.subscribe(CHANNEL)
-                got = await r.hgetall(POLICY_KEY)
-                if got.get("text"):
-                    apply(got["text"], float(got.get("pushed_at", "0")))
+                pushed = _hash(await r.hgetall(POLICY_KEY))  # type: ignore[arg-type]
+                if pushed is not None:
+                    apply(*pushed)
                 delay = 0.2
                 while not stop.is_set():
                     msg = await ps.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if msg is None:
                         continue
-                    got = await r.hgetall(POLICY_KEY)
-                    if got.get("text"):
-                        apply(got["text"], float(got.get("pushed_at", "0")))
+                    pushed = _hash(await r.hgetall(POLICY_KEY))  # type: ignore[arg-type]
+                    if pushed is not None:
+                        apply(*pushed)
         except (RedisError, OSError) as e:
             log.warning("policy channel lost (%s); retrying in %.1fs", type(e).__name__, delay)
             await asyncio.sleep(delay)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 # The *_created series double the exposition for no regulator's question.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Lesson lengths around the 30-minute limit get fine buckets: a regulator
 # asks "what share of lessons stayed within 30 minutes".

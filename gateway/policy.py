@@ -37,16 +37,17 @@ from .errors import PolicyError
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h)\s*$")
 _UNIT = {"s": 1, "m": 60, "h": 3600}
+_DURATION_HINT = "a duration is an integer with a unit s, m or h (e.g. 30m), got {value!r}"
 _TIME = re.compile(r"^(\d{1,2}):(\d{2})(?::(\d{2}))?$")
 
 
 def parse_duration(value: Any) -> int:
     """"90s" / "30m" / "1h" -> seconds."""
     if isinstance(value, bool) or not isinstance(value, str):
-        raise ValueError(f"a duration is an integer with a unit s, m or h (e.g. 30m), got {value!r}")
+        raise ValueError(_DURATION_HINT.format(value=value))
     m = _DURATION.match(value)
     if not m:
-        raise ValueError(f"a duration is an integer with a unit s, m or h (e.g. 30m), got {value!r}")
+        raise ValueError(_DURATION_HINT.format(value=value))
     return int(m.group(1)) * _UNIT[m.group(2)]
 
 
@@ -86,7 +87,8 @@ def parse_zone(value: Any) -> str:
     try:
         ZoneInfo(value)
     except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown time zone {value!r} (use an IANA name such as Asia/Shanghai)")
+        raise ValueError(  # noqa: B904 - the lookup's own error says less than this
+            f"unknown time zone {value!r} (use an IANA name such as Asia/Shanghai)")
     return value
 
 
@@ -188,7 +190,8 @@ class VacationSettings(_Model):
     @model_validator(mode="after")
     def _ordered(self) -> VacationSettings:
         if self.end < self.start:
-            raise ValueError(f"vacation {self.name!r} ends ({self.end}) before it starts ({self.start})")
+            raise ValueError(f"vacation {self.name!r} ends ({self.end}) "
+                             f"before it starts ({self.start})")
         return self
 
 
@@ -445,11 +448,12 @@ def _compile(model: PolicyModel, source: str, sha: str, national: NationalCalend
         cal = calendar(reg.rest_days) if reg and reg.rest_days else base_cal
         region_layer = (reg.lesson if reg else None, reg.daily_max if reg else None)
         for stage in (None, "primary", "junior", "senior"):
-            st = model.stages.get(stage) if stage else None  # type: ignore[arg-type]
+            st = model.stages.get(stage) if stage else None
             stage_layer = (st.lesson if st else None, st.daily_max if st else None)
             lim = limits(region_layer, stage_layer)
             profiles[(code, stage)] = Profile(
-                region="other" if code == OTHER_REGION else code or "base", tz=tz, curfew_start=cf.start, curfew_end=cf.end,
+                region="other" if code == OTHER_REGION else code or "base", tz=tz,
+                curfew_start=cf.start, curfew_end=cf.end,
                 calendar=cal, limits=lim,
                 clock=ClockLimits(lim.max_duration, lim.min_break, lim.daily_max,
                                   enforce_break="break_required" not in shadow,
@@ -484,10 +488,10 @@ def _line_of(root: yaml.Node | None, loc: Sequence[int | str]) -> int | None:
                     nxt = v
                     line = k.start_mark.line + 1
                     break
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
-            if 0 <= part < len(node.value):
-                nxt = node.value[part]
-                line = nxt.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) \
+                and 0 <= part < len(node.value):
+            nxt = node.value[part]
+            line = nxt.start_mark.line + 1
         if nxt is None:
             break
         node = nxt
@@ -601,7 +605,8 @@ def load_policy(path: str | Path) -> Policy:
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
-        raise PolicyError(str(path), [("", f"cannot read policy: {e.strerror or e}", None)]) from None
+        raise PolicyError(str(path),
+                          [("", f"cannot read policy: {e.strerror or e}", None)]) from None
 
     def read(rel: str) -> str:
         return (p.parent / rel).read_text(encoding="utf-8")

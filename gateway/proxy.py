@@ -9,6 +9,7 @@ request go upstream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import posixpath
@@ -368,10 +369,8 @@ class Proxy:
         return ws
 
     async def _release_quietly(self, key: str, conn_id: str) -> None:
-        try:
+        with contextlib.suppress(StoreUnavailable):
             await self.store.release(key, conn_id)
-        except StoreUnavailable:
-            pass
 
 
 class _BodyTooLarge(Exception):

@@ -51,7 +51,7 @@ async def student_status(gw: Gateway, request: web.Request) -> web.Response:
                       accept)
     limits = rules.clock_limits(policy, profile)
     inside, to_end, to_start = rules.curfew_times(profile, now)
-    today, to_midnight = rules.local_day(profile, now)
+    today, _ = rules.local_day(profile, now)
     rest = profile.calendar.rest_day(today)
     out: dict[str, Any] = {
         "state": "free", "lesson_remaining": None, "break_remaining": None,

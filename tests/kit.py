@@ -71,7 +71,7 @@ def make_policy(**kw: Any) -> Policy:
 # ---------------------------------------------------------------- upstream
 
 @dataclass
-class Upstream:  # noqa: B903
+class Upstream:
     url: str
     seen: list[dict[str, Any]] = field(default_factory=list)
     ws_opened: int = 0

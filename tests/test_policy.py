@@ -8,10 +8,9 @@ is asserted against its field path, message and exact line, the way
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
-
-from dataclasses import replace
 
 import pytest
 

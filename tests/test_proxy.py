@@ -10,8 +10,8 @@ import uuid
 
 import aiohttp
 import pytest
-from yarl import URL
 from kit import ARTS, FORBIDDEN, SUBJECT, body_chunks, free_port, headers_of, metric, policy_text
+from yarl import URL
 
 
 def sid() -> str:
@@ -45,7 +45,8 @@ async def test_passthrough_is_transparent(upstream, gateways, http):
     assert echo["body_sha256"] == hashlib.sha256(body).hexdigest()
     h = headers_of(echo)
     assert h["x-custom"] == "v" and h["cookie"] == "a=1"
-    assert "x-drop" not in h and "connection" not in h or h.get("connection") != "x-drop"
+    assert "x-drop" not in h
+    assert h.get("connection") != "x-drop"
     assert h["x-forwarded-for"] == "127.0.0.1"
     assert h["x-forwarded-proto"] == "http"
     assert h["x-forwarded-host"] == f"127.0.0.1:{gw.port}"
@@ -68,10 +69,9 @@ async def test_upstream_cookies_not_shared_between_students(upstream, gateways, 
     rides on another's request."""
     gw = await gateways(policy_text(), upstream.url)
     st, hdrs, _ = await get(http, gw.url("/plain/login"), headers={"X-Echo-Cookie": "alice"})
-    assert "alice" in hdrs.get("Set-Cookie", "")
-    async with aiohttp.ClientSession() as other:
-        async with other.get(gw.url("/plain/next")) as r:
-            echo = await r.json()
+    assert st == 200 and "alice" in hdrs.get("Set-Cookie", "")
+    async with aiohttp.ClientSession() as other, other.get(gw.url("/plain/next")) as r:
+        echo = await r.json()
     assert "cookie" not in headers_of(echo)
 
 
@@ -82,6 +82,7 @@ async def test_gzip_body_passes_untouched(upstream, gateways, http):
     data = gzip.compress(b"hello" * 1000)
     st, _, raw = await get(http, gw.url("/plain/gz"), method="POST", data=data,
                            headers={"Content-Encoding": "gzip"})
+    assert st == 200
     echo = __import__("json").loads(raw)
     assert echo["body_sha256"] == hashlib.sha256(data).hexdigest()
 
@@ -109,7 +110,7 @@ async def test_body_cap_gives_413(upstream, gateways, http):
     """With a body cap, a larger declared body is refused with 413 before it goes upstream."""
     gw = await gateways(policy_text(), upstream.url, max_body=1000)
     before = len(upstream.seen)
-    st, _, raw = await get(http, gw.url("/plain/up"), method="POST", data=b"x" * 5000)
+    st, _, _ = await get(http, gw.url("/plain/up"), method="POST", data=b"x" * 5000)
     assert st == 413
     assert len(upstream.seen) == before
 

@@ -12,6 +12,7 @@ from importlib import resources
 from zoneinfo import ZoneInfo
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from ..app import Gateway
 from ..policy import Policy, parse_policy
@@ -40,7 +41,7 @@ def demo_policy(now: dt.datetime | None = None) -> Policy:
 
 
 @web.middleware
-async def demo_auth(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def demo_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Stands in for a platform's auth layer: the demo page's cookies become
     the trusted identity headers. Client-sent copies of those headers are
     dropped first, as a real auth layer must do."""
@@ -53,7 +54,8 @@ async def demo_auth(request: web.Request, handler: web.Handler) -> web.StreamRes
         headers["X-Student-Id"] = sid
     if grade:
         headers["X-Student-Grade"] = grade
-    return await handler(request.clone(headers=headers))
+    response: web.StreamResponse = await handler(request.clone(headers=headers))
+    return response
 
 
 def _free_port() -> int:

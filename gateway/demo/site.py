@@ -31,7 +31,8 @@ async def home(request: web.Request) -> web.Response:
 <form id=who onsubmit="return go(event)">
 <label>学生 <input id=sid value="demo-student-1" pattern="[A-Za-z0-9._:@-]{1,128}"></label>
 <label>年级 <select id=grade>
-<option value="preschool">学龄前</option><option>1</option><option>2</option><option selected>3</option>
+<option value="preschool">学龄前</option><option>1</option><option>2</option>
+<option selected>3</option>
 <option>4</option><option>5</option><option>6</option><option>7</option><option>8</option>
 <option>9</option><option>10</option><option>11</option><option>12</option></select></label>
 <button>保存</button></form>
@@ -63,7 +64,8 @@ async def photo_search(request: web.Request) -> web.Response:
 
 
 async def library(request: web.Request) -> web.Response:
-    return _page("图书角", "<h1>图书角</h1><p>不受管控的页面：网关直接转发。</p><a href='/'>返回</a>")
+    return _page("图书角",
+                 "<h1>图书角</h1><p>不受管控的页面：网关直接转发。</p><a href='/'>返回</a>")
 
 
 async def live(request: web.Request) -> web.WebSocketResponse:
