@@ -32,7 +32,7 @@ log = logging.getLogger("tutorgate.audit")
 
 STREAM = "tutorgate:audit"
 FIELDS = ("time", "event", "student", "rule", "category", "region", "policy_version",
-          "instance", "duration")
+          "instance", "duration", "break_seconds", "break_honoured")
 FLUSH_SECONDS = 0.25
 MAX_BUFFER = 100_000  # beyond this (Redis down for long) the oldest events are dropped
 
@@ -55,7 +55,8 @@ class AuditWriter:
         self._closing = False
 
     def record(self, event: str, student: str | None, rule: str | None, category: str,
-               region: str, duration: float | None = None, at: float | None = None) -> None:
+               region: str, duration: float | None = None, at: float | None = None,
+               break_seconds: float | None = None, break_honoured: bool | None = None) -> None:
         t = time.time() if at is None else at
         ev = {
             "time": dt.datetime.fromtimestamp(t, self.tz).isoformat(timespec="milliseconds"),
@@ -65,6 +66,10 @@ class AuditWriter:
         }
         if duration is not None:
             ev["duration"] = f"{duration:.3f}"
+        if break_seconds is not None:
+            # the break before this lesson, and whether it was min_break long
+            ev["break_seconds"] = f"{break_seconds:.3f}"
+            ev["break_honoured"] = "true" if break_honoured else "false"
         if len(self._buf) >= MAX_BUFFER:
             del self._buf[0]
             self.metrics.audit_failures.inc()
@@ -134,6 +139,9 @@ def read_events(r: redis.Redis, since: str | None = None,
             ev: dict[str, Any] = {k.decode(): v.decode() for k, v in fields.items()}
             ev["rule"] = ev.get("rule") or None
             ev["duration"] = float(ev["duration"]) if ev.get("duration") else None
+            ev["break_seconds"] = float(ev["break_seconds"]) if ev.get("break_seconds") else None
+            ev["break_honoured"] = (ev["break_honoured"] == "true"
+                                    if ev.get("break_honoured") else None)
             ev["id"] = eid.decode()
             yield ev
         start = "(" + page[-1][0].decode()
@@ -145,6 +153,7 @@ def report(events: Iterator[dict[str, Any]], day: dt.date) -> dict[str, Any]:
     cuts: dict[str, int] = {}
     denials: dict[str, int] = {}
     students: set[str] = set()
+    breaks = breaks_honoured = 0
     for ev in events:
         if dt.datetime.fromisoformat(ev["time"]).date() != day:
             continue
@@ -152,6 +161,9 @@ def report(events: Iterator[dict[str, Any]], day: dt.date) -> dict[str, Any]:
         if kind == "lesson_start":
             lessons += 1
             students.add(ev["student"])
+            if ev.get("break_seconds") is not None:
+                breaks += 1
+                breaks_honoured += bool(ev.get("break_honoured"))
         elif kind == "lesson_end" and ev["duration"] is not None:
             durations.append(ev["duration"])
         elif kind == "cut":
@@ -163,6 +175,7 @@ def report(events: Iterator[dict[str, Any]], day: dt.date) -> dict[str, Any]:
         "lessons_ended": len(durations),
         "lesson_seconds_mean": round(sum(durations) / len(durations), 3) if durations else 0.0,
         "lesson_seconds_max": round(max(durations), 3) if durations else 0.0,
+        "breaks": breaks, "breaks_honoured": breaks_honoured,
         "cuts": cuts, "denials": denials,
     }
 
@@ -204,7 +217,8 @@ def run_audit_command(a: argparse.Namespace) -> int:
             print(json.dumps(rep, ensure_ascii=False))
         else:
             print(f"{rep['day']}: {rep['lessons']} lessons by {rep['students']} students; "
-                  f"length mean {rep['lesson_seconds_mean']}s, max {rep['lesson_seconds_max']}s")
+                  f"length mean {rep['lesson_seconds_mean']}s, max {rep['lesson_seconds_max']}s; "
+                  f"breaks {rep['breaks']} ({rep['breaks_honoured']} of at least min_break)")
             print("cuts: " + (", ".join(f"{k} {v}" for k, v in sorted(rep["cuts"].items()))
                               or "none"))
             print("denials: " + (", ".join(f"{k} {v}" for k, v in

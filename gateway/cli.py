@@ -86,13 +86,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
     try:
         max_body = _int_env("TUTORGATE_MAX_BODY")
         pool = _int_env("TUTORGATE_UPSTREAM_POOL")
+        retention = _int_env("TUTORGATE_AUDIT_RETENTION_DAYS")
     except ValueError as e:
         return _fail(str(e))
     settings = Settings(
         policy_path=policy_path, upstream=upstream, listen=listen, admin_listen=admin,
         redis_url=redis_url, id_secret=secret.encode() if secret else None,
         max_body=max_body, instance=env("TUTORGATE_INSTANCE") or "",
-        **({"pool_size": pool} if pool else {}))
+        **({"pool_size": pool} if pool else {}),
+        **({"audit_retention_days": float(retention)} if retention else {}))
     from .app import serve
     _use_uvloop()
     try:

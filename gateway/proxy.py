@@ -184,6 +184,7 @@ class Proxy:
             self.activity.lesson(key, step.start, step.now, pre.limits)
             if step.started:
                 self.metrics.lessons_started.labels(region).inc()
+                honoured = None
                 if step.ended_duration is not None:
                     self.metrics.lesson_duration.labels(region).observe(step.ended_duration)
                     honoured = step.break_taken is not None and \
@@ -191,9 +192,13 @@ class Proxy:
                     self.metrics.breaks_honoured.labels("true" if honoured else "false").inc()
                 if self.on_event is not None:
                     if step.ended_duration is not None:
+                        # A lesson's end is known (and recorded) when the next one
+                        # starts; the event keeps the stream's time order and
+                        # carries the lesson's real length.
                         self.on_event("lesson_end", key, None, pre.route.category, region,
                                       duration=step.ended_duration)
-                    self.on_event("lesson_start", key, None, pre.route.category, region)
+                    self.on_event("lesson_start", key, None, pre.route.category, region,
+                                  break_seconds=step.break_taken, break_honoured=honoured)
         elif step.outcome == "break_required" and step.retry_after is not None:
             self.activity.in_break(key, step.now + step.retry_after)
 

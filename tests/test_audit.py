@@ -81,6 +81,8 @@ async def test_export_complete_ordered_and_matches_metrics(upstream, gateways, h
         assert n == metric(gw, "tutorgate_decisions_total", decision="deny", rule=rule)
     assert rep["lesson_seconds_max"] <= 1.0 + 0.5
     assert rep["lesson_seconds_mean"] > 0
+    assert rep["breaks"] == 2 == metric(gw, "tutorgate_breaks_total")
+    assert rep["breaks_honoured"] == 2 == metric(gw, "tutorgate_breaks_total", honoured="true")
     csv_out = subprocess.run([EXE, "audit", "export", "--redis", private_redis.url,
                               "--format", "csv"], capture_output=True, text=True, timeout=30)
     assert csv_out.stdout.splitlines()[0].startswith("time,event,student")

@@ -43,6 +43,11 @@ async def test_websocket_echo_and_close_codes(upstream, gateways, http):
         await ws.send_str("close:4321")
         msg = await ws.receive(timeout=2)
         assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 4321
+    # pings and pongs pass through both ways
+    async with http.ws_connect(gw.ws_url(LIVE), headers=who(sid()), autoping=False) as ws:
+        await ws.ping(b"are-you-there")
+        msg = await ws.receive(timeout=2)
+        assert msg.type == aiohttp.WSMsgType.PONG and msg.data == b"are-you-there"
     # pass-through WebSockets work too
     async with http.ws_connect(gw.ws_url("/plain/live")) as ws:
         await ws.send_str("x")
@@ -197,9 +202,16 @@ def test_sigterm_closes_websockets_with_1001(tmp_path: Path, upstream_process):
                 async with http.ws_connect(f"ws://127.0.0.1:{port}{LIVE}",
                                            headers=who(sid())) as lesson_ws, \
                         http.ws_connect(f"ws://127.0.0.1:{port}/plain/live") as plain_ws:
+                    # an ordinary request in flight is let finish (grace period)
+                    slow = asyncio.create_task(
+                        http.get(f"http://127.0.0.1:{port}/plain/slow?s=1.5"))
+                    await asyncio.sleep(0.3)
                     proc.send_signal(signal.SIGTERM)
-                    return (await lesson_ws.receive(timeout=5),
-                            await plain_ws.receive(timeout=5))
+                    m1 = await lesson_ws.receive(timeout=5)
+                    m2 = await plain_ws.receive(timeout=5)
+                    async with await slow as r:
+                        assert r.status == 200 and (await r.json())["path"] == "/plain/slow?s=1.5"
+                    return m1, m2
         m1, m2 = asyncio.run(scenario())
         assert m1.type == aiohttp.WSMsgType.CLOSE and m1.data == 1001
         assert m2.type == aiohttp.WSMsgType.CLOSE and m2.data == 1001

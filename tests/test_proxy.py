@@ -275,3 +275,32 @@ async def test_redis_outage(upstream, gateways, http, private_redis, mode):
     assert st == 200
     async with http.get(gw.admin + "/readyz") as r:
         assert r.status == 200
+
+
+async def test_race_two_instances_one_lesson_no_lost_break(upstream, gateways, redis_server):
+    """Many concurrent first requests for one student through two gateway
+    instances start exactly one lesson; once it is over, a concurrent burst
+    through both instances is all break_required: the break is not lost."""
+    pol = policy_text(max_duration="2s", min_break="30s")
+    a = await gateways(pol, upstream.url, redis_url=redis_server.url)
+    b = await gateways(pol, upstream.url, redis_url=redis_server.url)
+    s = sid()
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        async def burst() -> list[tuple[int, str | None]]:
+            async def one(g):  # type: ignore[no-untyped-def]
+                async with http.get(g.url(SUBJECT), headers={"X-Student-Id": s}) as r:
+                    await r.read()
+                    return r.status, r.headers.get("X-Lesson-Remaining")
+            return await asyncio.gather(*(one(a if i % 2 else b) for i in range(120)))
+
+        first = await burst()
+        assert {st for st, _ in first} == {200}
+        started = (metric(a, "tutorgate_lessons_started_total") +
+                   metric(b, "tutorgate_lessons_started_total"))
+        assert started == 1
+        await asyncio.sleep(2.2)
+        second = await burst()
+    assert {st for st, _ in second} == {429}
+    assert (metric(a, "tutorgate_lessons_started_total") +
+            metric(b, "tutorgate_lessons_started_total")) == 1
