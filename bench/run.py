@@ -260,12 +260,16 @@ def preflight(url: str, expect_lesson: bool) -> tuple[str, ...]:
 
 
 def decisions(admin_url: str) -> list[str]:
-    """The gateway's tutorgate_decisions_total samples, for the record."""
+    """The gateway's non-zero tutorgate_decisions_total samples, for the record."""
     try:
         text = harness.http_get(f"{admin_url}/metrics").body.decode(errors="replace")
     except OSError as err:
         return [f"(metrics unavailable: {err})"]
-    return [ln for ln in text.splitlines() if ln.startswith("tutorgate_decisions_total")]
+    return [
+        sample
+        for sample in text.splitlines()
+        if sample.startswith("tutorgate_decisions_total") and float(sample.split()[-1]) != 0
+    ]
 
 
 # --------------------------------------------------------------------------- servers

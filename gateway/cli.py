@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -92,9 +93,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
     settings = Settings(
         policy_path=policy_path, upstream=upstream, listen=listen, admin_listen=admin,
         redis_url=redis_url, id_secret=secret.encode() if secret else None,
-        max_body=max_body, instance=env("TUTORGATE_INSTANCE") or "",
-        **({"pool_size": pool} if pool else {}),
-        **({"audit_retention_days": float(retention)} if retention else {}))
+        max_body=max_body, instance=env("TUTORGATE_INSTANCE") or "")
+    if pool:
+        settings = dataclasses.replace(settings, pool_size=pool)
+    if retention:
+        settings = dataclasses.replace(settings, audit_retention_days=float(retention))
     from .app import serve
     _use_uvloop()
     try:
