@@ -100,11 +100,11 @@ class Target:
 
 # --------------------------------------------------------------------------- wrk
 
-_TO_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+_TO_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
 
 
 def _latency_ms(text: str, percentile: str) -> float:
-    match = re.search(rf"^\s*{percentile}%\s+([\d.]+)(us|ms|s|m)\s*$", text, re.MULTILINE)
+    match = re.search(rf"^\s*{percentile}%\s+([\d.]+)(us|ms|s|m|h)\s*$", text, re.MULTILINE)
     if not match:
         raise BenchError(f"wrk output has no {percentile}% latency:\n{text}")
     return float(match.group(1)) * _TO_MS[match.group(2)]

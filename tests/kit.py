@@ -243,3 +243,68 @@ async def body_chunks(total: int, size: int = 65536) -> AsyncIterator[bytes]:
 
 def loads(b: bytes) -> Any:
     return json.loads(b)
+
+
+# ---------------------------------------------------------------- a real process
+
+@dataclass
+class GatewayProcess:
+    """`tutorgate serve` in a process of its own (signals, exit codes)."""
+
+    proc: Any
+    port: int
+    admin_port: int
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def ws_url(self, path: str) -> str:
+        return f"ws://127.0.0.1:{self.port}{path}"
+
+    def admin(self, path: str) -> tuple[int, str]:
+        import urllib.error
+        import urllib.request
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}",
+                                        timeout=2) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def spawn_gateway(policy_path: str, upstream_url: str, *, secret: str = "x",
+                  timeout: float = 15.0) -> GatewayProcess:
+    """Start `tutorgate serve` and wait until /healthz answers 200."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    port, admin = free_port(), free_port()
+    exe = Path(sys.executable).parent / "tutorgate"
+    proc = subprocess.Popen([str(exe), "serve", "--policy", policy_path, "--upstream",
+                             upstream_url, "--listen", f"127.0.0.1:{port}",
+                             "--admin-listen", f"127.0.0.1:{admin}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "TUTORGATE_ID_SECRET": secret})
+    gw = GatewayProcess(proc, port, admin)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if gw.admin("/healthz")[0] == 200:
+                return gw
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            gw.stop()
+            raise RuntimeError(f"gateway did not start (exit {proc.poll()})")
+        time.sleep(0.05)

@@ -5,17 +5,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import aiohttp
 import pytest
-from kit import ARTS, SUBJECT, TZ, free_port, metric, policy_text
+from kit import ARTS, SUBJECT, TZ, metric, policy_text, spawn_gateway
 
 LIVE = "/classroom/arts/room/live"
 STREAM = "/classroom/arts/room/stream"
@@ -176,50 +173,30 @@ async def test_policy_revocation_cuts_across_instances(upstream, gateways, http,
 
 
 def test_sigterm_closes_websockets_with_1001(tmp_path: Path, upstream_process):
-    """On SIGTERM the gateway closes live connections with 1001 and exits 0."""
+    """On SIGTERM the gateway closes live connections with 1001, lets an
+    ordinary request in flight finish, and exits 0."""
     pol = tmp_path / "p.yaml"
     pol.write_text(policy_text(max_duration="1h"))
-    port, admin = free_port(), free_port()
-    exe = Path(sys.executable).parent / "tutorgate"
-    proc = subprocess.Popen([str(exe), "serve", "--policy", str(pol), "--upstream",
-                             upstream_process, "--listen", f"127.0.0.1:{port}",
-                             "--admin-listen", f"127.0.0.1:{admin}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "TUTORGATE_ID_SECRET": "x"})
+    gw = spawn_gateway(str(pol), upstream_process)
     try:
         async def scenario() -> tuple[aiohttp.WSMessage, aiohttp.WSMessage]:
-            async with aiohttp.ClientSession() as http:
-                deadline = time.monotonic() + 10
-                while True:
-                    try:
-                        async with http.get(f"http://127.0.0.1:{admin}/healthz") as r:
-                            if r.status == 200:
-                                break
-                    except aiohttp.ClientError:
-                        pass
-                    assert time.monotonic() < deadline, "gateway did not start"
-                    await asyncio.sleep(0.1)
-                async with http.ws_connect(f"ws://127.0.0.1:{port}{LIVE}",
-                                           headers=who(sid())) as lesson_ws, \
-                        http.ws_connect(f"ws://127.0.0.1:{port}/plain/live") as plain_ws:
-                    # an ordinary request in flight is let finish (grace period)
-                    slow = asyncio.create_task(
-                        http.get(f"http://127.0.0.1:{port}/plain/slow?s=1.5"))
-                    await asyncio.sleep(0.3)
-                    proc.send_signal(signal.SIGTERM)
-                    m1 = await lesson_ws.receive(timeout=5)
-                    m2 = await plain_ws.receive(timeout=5)
-                    async with await slow as r:
-                        assert r.status == 200 and (await r.json())["path"] == "/plain/slow?s=1.5"
-                    return m1, m2
+            async with aiohttp.ClientSession() as http, \
+                    http.ws_connect(gw.ws_url(LIVE), headers=who(sid())) as lesson_ws, \
+                    http.ws_connect(gw.ws_url("/plain/live")) as plain_ws:
+                slow = asyncio.create_task(http.get(gw.url("/plain/slow?s=1.5")))
+                await asyncio.sleep(0.3)
+                gw.proc.send_signal(signal.SIGTERM)
+                m1 = await lesson_ws.receive(timeout=5)
+                m2 = await plain_ws.receive(timeout=5)
+                async with await slow as r:
+                    assert r.status == 200 and (await r.json())["path"] == "/plain/slow?s=1.5"
+                return m1, m2
         m1, m2 = asyncio.run(scenario())
         assert m1.type == aiohttp.WSMsgType.CLOSE and m1.data == 1001
         assert m2.type == aiohttp.WSMsgType.CLOSE and m2.data == 1001
-        assert proc.wait(10) == 0
+        assert gw.proc.wait(10) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        gw.stop()
 
 
 _ = (SUBJECT, json)

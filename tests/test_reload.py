@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 import aiohttp
-from kit import ARTS, SUBJECT, free_port, metric, policy_text
+from kit import ARTS, SUBJECT, metric, policy_text, spawn_gateway
 
 LIVE = "/classroom/arts/room/live"
 
@@ -196,37 +196,17 @@ def test_sighup_reloads(tmp_path: Path, upstream_process):
     """SIGHUP re-reads the policy file at once."""
     path = tmp_path / "p.yaml"
     path.write_text(policy_text(max_duration="1h"))
-    port, admin = free_port(), free_port()
-    exe = Path(sys.executable).parent / "tutorgate"
-    proc = subprocess.Popen([str(exe), "serve", "--policy", str(path), "--upstream",
-                             upstream_process, "--listen", f"127.0.0.1:{port}",
-                             "--admin-listen", f"127.0.0.1:{admin}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "TUTORGATE_ID_SECRET": "x"})
-    import urllib.request
-
-    def metrics() -> str:
-        return urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=2) \
-            .read().decode()
+    gw = spawn_gateway(str(path), upstream_process)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                text = metrics()
-                break
-            except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
-        assert "tutorgate_policy_reloads_total 0.0" in text
+        assert "tutorgate_policy_reloads_total 0.0" in gw.admin("/metrics")[1]
         path.write_text(policy_text(max_duration="2h"))
-        proc.send_signal(signal.SIGHUP)
+        gw.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 3
-        while "tutorgate_policy_reloads_total 1.0" not in metrics():
+        while "tutorgate_policy_reloads_total 1.0" not in gw.admin("/metrics")[1]:
             assert time.monotonic() < deadline, "SIGHUP did not reload"
             time.sleep(0.05)
     finally:
-        proc.terminate()
-        proc.wait(10)
+        gw.stop()
 
 
 _ = json
