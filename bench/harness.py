@@ -260,6 +260,20 @@ def cpu_seconds(pid: int) -> float:
     return ticks / CLK_TCK
 
 
+def machine_busy(seconds: float = 1.0) -> float:
+    """Share of all CPUs busy (not idle or iowait) over the next ``seconds``."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]
+        return sum(fields) - idle, sum(fields)
+
+    busy0, total0 = sample()
+    time.sleep(seconds)
+    busy1, total1 = sample()
+    return (busy1 - busy0) / max(total1 - total0, 1)
+
+
 def rss_bytes(pid: int) -> int:
     """Resident set size of ``pid`` and its live children (VmRSS), in bytes."""
     total = 0

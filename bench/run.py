@@ -364,28 +364,37 @@ def _fmt(value: float | None, spec: str) -> str:
 def ratios(
     lines: Sequence[Line], per_round: Sequence[Sequence[Line]]
 ) -> dict[str, dict[str, object]]:
-    """req/s of each line over the bare proxy's, with the issue's targets."""
+    """req/s of each line over the bare proxy's, with the issue's targets.
+
+    With several rounds, each round's ratio uses that round's bare proxy and the
+    ratio reported is their median: the machine's speed drifts between rounds
+    (shared host), but both lines of one round see about the same machine.
+    """
+    out: dict[str, dict[str, object]] = {}
     by_key = {line.key: line for line in lines}
     bare = by_key.get("bare")
-    out: dict[str, dict[str, object]] = {}
     if bare is None or bare.rps <= 0:
         return out
     for key in RATIO_ORDER:
         line = by_key.get(key)
         if line is None:
             continue
-        ratio = line.rps / bare.rps
-        entry: dict[str, object] = {"ratio": round(ratio, 3), "valid": not line.warnings}
         rounds = [
-            round(mine.rps / base.rps, 3)
+            mine.rps / base.rps
             for round_lines in per_round
             for mine in round_lines
             if mine.key == key
             for base in round_lines
             if base.key == "bare" and base.rps > 0
         ]
+        ratio = statistics.median(rounds) if len(rounds) > 1 else line.rps / bare.rps
+        entry: dict[str, object] = {"ratio": round(ratio, 3), "valid": not line.warnings}
+        if line.front_cpu_us and bare.front_cpu_us:
+            # The front process is the bottleneck (one busy core), so bare CPU per
+            # request over this line's estimates the same ratio, with less noise.
+            entry["cpu_ratio"] = round(bare.front_cpu_us / line.front_cpu_us, 3)
         if len(rounds) > 1:
-            entry["per_round"] = rounds
+            entry["per_round"] = [round(r, 3) for r in rounds]
         target = TARGETS.get(key)
         if target is not None:
             entry["target"] = target
@@ -407,11 +416,15 @@ def print_report(lines: Sequence[Line], table_ratios: dict[str, dict[str, object
             f"{_fmt(line.redis_cpu_us, '.0f'):>8} {line.non_2xx:>7} {line.socket_errors:>8}"
         )
     if any(line.rounds > 1 for line in lines):
-        print(f"(medians of {max(line.rounds for line in lines)} interleaved rounds)")
+        rounds = max(line.rounds for line in lines)
+        print(f"(medians of {rounds} interleaved rounds; ratios: median of the rounds' ratios)")
     print()
     for key, entry in table_ratios.items():
         name = f"{LABELS[key]} / bare"
         text = f"{name:<38} {entry['ratio']:>5.2f}x"
+        cpu_ratio = entry.get("cpu_ratio")
+        if isinstance(cpu_ratio, float):
+            text += f" (by CPU {cpu_ratio:.2f}x)"
         if "target" in entry:
             text += f"   target >= {entry['target']:.2f}x  {entry['verdict']}"
         per_round = entry.get("per_round")
@@ -515,11 +528,12 @@ def run(settings: Settings, wanted: Sequence[str]) -> int:
         f"{settings.rounds} round(s)",
         flush=True,
     )
-    load = os.getloadavg()[0]
-    if load > 0.5:
+    busy = harness.machine_busy()
+    record["cpu_busy_before"] = round(busy, 3)
+    if busy > 0.15:
         print(
-            f"  note: load average {load:.2f} before the run: something else is using the "
-            "CPUs, figures will be low and noisy",
+            f"  note: {busy:.0%} of the CPUs busy before the run: something else is running, "
+            "figures will be low and noisy",
             flush=True,
         )
     errors: list[str] = []
