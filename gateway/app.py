@@ -18,6 +18,7 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -78,8 +79,13 @@ class Gateway:
         if self.settings.redis_url:
             from .store.redis import RedisStore
 
+            latency: dict[str, Any] = {}
+
             def on_call(op: str, seconds: float, ok: bool) -> None:
-                self.metrics.store_latency.labels(op).observe(seconds)
+                child = latency.get(op)
+                if child is None:  # labels() per call costs a lock and a lookup
+                    child = latency[op] = self.metrics.store_latency.labels(op)
+                child.observe(seconds)
                 if not ok:
                     self.metrics.store_errors.labels(op).inc()
                 self.metrics.store_up.set(1 if ok else 0)

@@ -96,7 +96,8 @@ def advance(state: ClockState, now: float, limits: ClockLimits, day: int,
             shadowed = ("daily_limit",)
 
     if current:
-        new = replace(state, last=max(state.last, now), day=day, used=used)
+        # the constructor, not dataclasses.replace: this runs on every request
+        new = ClockState(state.start, max(state.last, now), state.conns, day, used)
         return Step("allow", now, state.start, _remaining(new, now, limits, used),
                     None, shadowed=shadowed), new
 

@@ -91,6 +91,8 @@ class Proxy:
         self.draining = False
         # Pre-bound counters: labels() per request costs a dict lookup and a lock.
         self._decision_children: dict[tuple[str, str, str, str], Any] = {}
+        self._latency = {k: metrics.upstream_latency.labels(k)
+                         for k in ("passthrough", "lesson", "forbidden")}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -236,7 +238,7 @@ class Proxy:
         except (aiohttp.ClientError, OSError) as e:
             log.warning("upstream request failed: %s", type(e).__name__)
             return self._upstream_error(request, "connect", 502)
-        self.metrics.upstream_latency.labels(kind).observe(time.perf_counter() - t0)
+        self._latency[kind].observe(time.perf_counter() - t0)
         try:
             return await self._respond(request, up, lesson)
         finally:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .calendar import RestDay
 from .clock import ClockLimits, ClockState, Step, advance
 from .policy import Policy, Profile, Route, stage_of
 
@@ -142,6 +143,47 @@ def _day_at(profile: Profile, local: dt.datetime) -> tuple[dt.date, float]:
     return local.date(), (midnight - local).total_seconds()
 
 
+@dataclass(frozen=True, slots=True)
+class _Facts:
+    """The clock-free facts of one profile at one whole second. Every time in a
+    policy is a whole second (curfew HH:MM:SS, local midnight), so they hold for
+    the whole second; only the distances shrink by the fraction."""
+
+    second: int
+    inside: bool
+    to_end: float        # curfew window end, from the start of the second
+    to_start: float      # next curfew start
+    today: dt.date
+    to_midnight: float
+    rest: RestDay | None
+    rest_retry: float | None
+
+
+# id(profile) -> (profile, facts); the profile is kept so an id is never reused.
+_FACTS: dict[int, tuple[Profile, _Facts]] = {}
+
+
+def _facts(profile: Profile, now: float) -> _Facts:
+    second = int(now // 1)
+    hit = _FACTS.get(id(profile))
+    if hit is not None and hit[0] is profile and hit[1].second == second:
+        return hit[1]
+    local = dt.datetime.fromtimestamp(second, profile.tz)
+    inside, to_end, to_start = _curfew_at(profile, local)
+    today, to_midnight = _day_at(profile, local)
+    rest = profile.calendar.rest_day(today)
+    retry = None
+    if rest is not None:
+        nxt = profile.calendar.next_open_day(today)
+        if nxt is not None:
+            retry = to_midnight + (nxt - today - dt.timedelta(days=1)).days * 86400.0
+    facts = _Facts(second, inside, to_end, to_start, today, to_midnight, rest, retry)
+    if len(_FACTS) > 4096:  # policies come and go with reloads
+        _FACTS.clear()
+    _FACTS[id(profile)] = (profile, facts)
+    return facts
+
+
 def curfew_times(profile: Profile, now: float) -> tuple[bool, float, float]:
     """(inside, seconds until the window ends, seconds until it next starts)."""
     return _curfew_at(profile, dt.datetime.fromtimestamp(now, profile.tz))
@@ -162,8 +204,10 @@ def clock_limits(policy: Policy, profile: Profile) -> ClockLimits:
 def precheck(policy: Policy, route: Route, student: Student, now: float,
              trace: bool = False) -> Decision | Pending:
     """The state-free rules, in order. A Decision ends it; Pending goes on to
-    the lesson clock. `trace` records every rule checked and why (explain,
-    shadow logs); the hot path skips building those texts."""
+    the lesson clock. `trace` records every rule checked and why (explain);
+    without it and without shadowed rules the fast path answers."""
+    if not trace and not policy.shadow:
+        return _precheck_fast(policy, route, student, now)
     checked: list[Check] = []
     shadowed: list[str] = []
 
@@ -213,8 +257,9 @@ def precheck(policy: Policy, route: Route, student: Student, now: float,
     else:
         miss(PRESCHOOL, lambda: f"grade {grade if grade is not None else 'not given'}")
 
-    local = dt.datetime.fromtimestamp(now, profile.tz)
-    inside, to_end, to_start = _curfew_at(profile, local)
+    f = _facts(profile, now)
+    frac = now - f.second
+    inside, to_end, to_start = f.inside, f.to_end - frac, f.to_start - frac
 
     def window() -> str:
         return f"{profile.curfew_start:%H:%M:%S}-{profile.curfew_end:%H:%M:%S} {profile.tz.key}"
@@ -226,14 +271,11 @@ def precheck(policy: Policy, route: Route, student: Student, now: float,
     else:
         miss(CURFEW, lambda: f"outside the curfew {window()}; it starts in {int(to_start)}s")
 
-    today, to_midnight = _day_at(profile, local)
+    today, to_midnight = f.today, f.to_midnight - frac
     if route.category == "subject":
-        rest = profile.calendar.rest_day(today)
+        rest = f.rest
         if rest is not None:
-            nxt = profile.calendar.next_open_day(today)
-            retry = None
-            if nxt is not None:
-                retry = to_midnight + (nxt - today - dt.timedelta(days=1)).days * 86400.0
+            retry = None if f.rest_retry is None else f.rest_retry - frac
             d = hit(REST_DAY, lambda: f"{today} is a rest day ({rest.reason}: {rest.name})",
                     retry, region=region)
             if d is not None:
@@ -245,6 +287,31 @@ def precheck(policy: Policy, route: Route, student: Student, now: float,
 
     return Pending(route, student, profile, profile.clock, today.toordinal(),
                    to_midnight, to_start, tuple(shadowed), tuple(checked), trace)
+
+
+def _precheck_fast(policy: Policy, route: Route, student: Student,
+                   now: float) -> Decision | Pending:
+    """precheck for the hot path: same order, same answers, no texts and no
+    shadowing (tests/test_rules.py holds the two paths to the same results)."""
+    if route.kind == "forbidden":
+        return Decision(False, FORBIDDEN_FEATURE)
+    if student.problem is not None:
+        return Decision(False, IDENTITY_REQUIRED if student.problem == "missing"
+                        else BAD_IDENTITY)
+    grade = student.grade
+    profile = policy.profile(student.region,
+                             stage_of(grade) if isinstance(grade, int) else None)
+    if grade == "preschool":
+        return Decision(False, PRESCHOOL, region=profile.region)
+    f = _facts(profile, now)
+    frac = now - f.second
+    if f.inside:
+        return Decision(False, CURFEW, f.to_end - frac, region=profile.region)
+    if route.category == "subject" and f.rest is not None:
+        return Decision(False, REST_DAY, None if f.rest_retry is None else f.rest_retry - frac,
+                        region=profile.region)
+    return Pending(route, student, profile, profile.clock, f.today.toordinal(),
+                   f.to_midnight - frac, f.to_start - frac)
 
 
 def finish(pending: Pending, step: Step) -> Decision:

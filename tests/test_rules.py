@@ -537,3 +537,27 @@ def test_precheck_denial_comes_before_the_store() -> None:
     d = precheck(p, route, pupil(), ts("2026-03-03 23:30"))
     assert isinstance(d, Decision)
     assert d.rule == "curfew"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_fast_precheck_agrees_with_the_traced_one(case: Case) -> None:
+    """The hot path's precheck (no trace) gives the same answer as the traced
+    one explain uses: same rule, retry_after, region and clock inputs."""
+    p = policy(case.extra)
+    route = p.match(case.path)
+    assert route is not None
+    at = ts(case.at, case.tz) + 0.37   # not on a whole second: the facts cache shifts by it
+    fast = precheck(p, route, case.student, at)
+    traced = precheck(p, route, case.student, at, trace=True)
+    assert type(fast) is type(traced)
+    if isinstance(fast, Decision):
+        assert isinstance(traced, Decision)
+        assert (fast.allowed, fast.rule, fast.region) == (traced.allowed, traced.rule,
+                                                           traced.region)
+        assert fast.retry_after == pytest.approx(traced.retry_after)
+    else:
+        assert isinstance(traced, Pending)
+        assert (fast.profile, fast.limits, fast.day) == (traced.profile, traced.limits,
+                                                         traced.day)
+        assert fast.seconds_to_day_end == pytest.approx(traced.seconds_to_day_end)
+        assert fast.until_curfew == pytest.approx(traced.until_curfew)

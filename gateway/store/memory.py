@@ -15,6 +15,8 @@ from dataclasses import replace
 from ..clock import ClockLimits, ClockState, Step, advance
 from .base import LEASE_SECONDS, Cut, CutHandler
 
+_EMPTY = ClockState()
+
 
 class MemoryStore:
     kind = "memory"
@@ -31,7 +33,7 @@ class MemoryStore:
         return self._clock() if now is None else now
 
     def _state(self, key: str, now: float) -> ClockState:
-        st = self._states.get(key, ClockState())
+        st = self._states.get(key) or _EMPTY
         leases = self._leases.get(key)
         live = 0
         if leases:
@@ -41,7 +43,8 @@ class MemoryStore:
             live = len(leases)
             if not leases:
                 del self._leases[key]
-        return replace(st, conns=live)
+        # stored states keep conns from their last step: set it from the leases
+        return st if st.conns == live else replace(st, conns=live)
 
     def _sweep(self, now: float) -> None:
         # Amortised: every 4096 operations, drop students long gone.
