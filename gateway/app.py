@@ -80,6 +80,7 @@ class Gateway:
             from .store.redis import RedisStore
 
             latency: dict[str, Any] = {}
+            up: list[bool | None] = [None]
 
             def on_call(op: str, seconds: float, ok: bool) -> None:
                 child = latency.get(op)
@@ -88,7 +89,9 @@ class Gateway:
                 child.observe(seconds)
                 if not ok:
                     self.metrics.store_errors.labels(op).inc()
-                self.metrics.store_up.set(1 if ok else 0)
+                if ok is not up[0]:  # a gauge set takes a lock: only on a change
+                    up[0] = ok
+                    self.metrics.store_up.set(1 if ok else 0)
 
             return RedisStore(self.settings.redis_url, on_call=on_call)
         return MemoryStore()

@@ -18,7 +18,9 @@ from typing import Literal
 Outcome = Literal["allow", "break_required", "daily_limit"]
 
 
-@dataclass(frozen=True)
+# Not frozen: a frozen dataclass's __init__ costs ~5x on the per-request path;
+# treat instances as values all the same (nothing mutates them).
+@dataclass(slots=True)
 class ClockState:
     start: float = 0.0       # lesson start; 0 = no lesson on record
     last: float = 0.0        # last allowed lesson request / connection activity
@@ -36,7 +38,9 @@ class ClockLimits:
     enforce_daily: bool = True   # False: daily_limit is shadowed
 
 
-@dataclass(frozen=True)
+# Not frozen: a frozen dataclass's __init__ costs ~5x on the per-request path;
+# treat instances as values all the same (nothing mutates them).
+@dataclass(slots=True)
 class Step:
     outcome: Outcome
     now: float

@@ -9,9 +9,13 @@ Never an id, an IP or a raw path.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from bisect import bisect_left
+from collections.abc import Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 # The *_created series double the exposition for no regulator's question.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -23,13 +27,108 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 LATENESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
+class _Cell:
+    """One labelled series of a FastCounter."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class FastCounter(Collector):
+    """A labelled counter for the per-request hot path.
+
+    prometheus_client's Counter takes a lock and checks its state on every
+    increment; the gateway increments from one event-loop thread only, so a
+    plain float per series does, read at scrape time. The exposition is the
+    same as a Counter's.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
+                 registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        # the names prometheus_client's own metrics carry, for tools that read them
+        self._name = name.removesuffix("_total")
+        self._labelnames = self.labelnames
+        self._cells: dict[tuple[str, ...], _Cell] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> _Cell:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name} takes labels {self.labelnames}")
+        cell = self._cells.get(values)
+        if cell is None:
+            cell = self._cells[values] = _Cell()
+        return cell
+
+    def collect(self) -> Iterable[Metric]:
+        fam = CounterMetricFamily(self.name.removesuffix("_total"), self.documentation,
+                                  labels=self.labelnames)
+        for values, cell in list(self._cells.items()):
+            fam.add_metric(list(values), cell.value)
+        yield fam
+
+
+class _Buckets:
+    """One labelled series of a FastHistogram: cumulative at collect time."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class FastHistogram(Collector):
+    """A labelled histogram for the per-request hot path (see FastCounter);
+    same exposition as prometheus_client's Histogram."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
+                 buckets: Sequence[float], registry: CollectorRegistry) -> None:
+        self.name = self._name = name
+        self.documentation = documentation
+        self.labelnames = self._labelnames = tuple(labelnames)
+        self.bounds = tuple(float(b) for b in buckets)
+        self._series: dict[tuple[str, ...], _Buckets] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> _Buckets:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name} takes labels {self.labelnames}")
+        series = self._series.get(values)
+        if series is None:
+            series = self._series[values] = _Buckets(self.bounds)
+        return series
+
+    def collect(self) -> Iterable[Metric]:
+        fam = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, s in list(self._series.items()):
+            cumulative, running = [], 0
+            for bound, n in zip((*self.bounds, float("inf")), s.counts, strict=True):
+                running += n
+                cumulative.append((floatToGoString(bound), running))  # type: ignore[no-untyped-call]
+            fam.add_metric(list(values), cumulative, s.sum)
+        yield fam
+
+
 class Metrics:
     """One instance per process (or per test app, on its own registry)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.decisions = Counter(
+        self.decisions = FastCounter(
             "tutorgate_decisions_total",
             "Decisions on enforced routes (decision=allow|deny|shadow_deny).",
             ["decision", "rule", "category", "region"], registry=r)
@@ -56,14 +155,14 @@ class Metrics:
             "tutorgate_breaks_total",
             "Breaks between lessons, by whether the next lesson waited min_break.",
             ["honoured"], registry=r)
-        self.upstream_latency = Histogram(
+        self.upstream_latency = FastHistogram(
             "tutorgate_upstream_latency_seconds",
             "Time to the upstream's response headers.", ["route"],
             buckets=LATENCY_BUCKETS, registry=r)
         self.upstream_errors = Counter(
             "tutorgate_upstream_errors_total",
             "Upstream unreachable, broken or timed out.", ["reason"], registry=r)
-        self.store_latency = Histogram(
+        self.store_latency = FastHistogram(
             "tutorgate_store_latency_seconds", "State store call latency.", ["op"],
             buckets=LATENCY_BUCKETS, registry=r)
         self.store_errors = Counter(

@@ -52,7 +52,7 @@ SMALL_BODY = 256 * 1024
 _RESERVED_CLOSE = frozenset({1004, 1005, 1006, 1015})
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: see rules.Decision
 class Lesson:
     """An allowed lesson request: who, where, and what the clock said."""
 
@@ -91,6 +91,7 @@ class Proxy:
         self.draining = False
         # Pre-bound counters: labels() per request costs a dict lookup and a lock.
         self._decision_children: dict[tuple[str, str, str, str], Any] = {}
+        self._timeouts: dict[float | None, aiohttp.ClientTimeout] = {}
         self._latency = {k: metrics.upstream_latency.labels(k)
                          for k in ("passthrough", "lesson", "forbidden")}
 
@@ -110,6 +111,14 @@ class Proxy:
     async def close(self) -> None:
         if self.session is not None:
             await self.session.close()
+
+    def _timeout(self, sock_read: float | None) -> aiohttp.ClientTimeout:
+        """One ClientTimeout per read timeout in use, not one per request."""
+        t = self._timeouts.get(sock_read)
+        if t is None:
+            t = self._timeouts[sock_read] = aiohttp.ClientTimeout(
+                total=None, connect=10, sock_connect=5, sock_read=sock_read)
+        return t
 
     # ------------------------------------------------------------ metrics
 
@@ -227,8 +236,7 @@ class Proxy:
         try:
             up = await self.session.request(
                 request.method, url, headers=headers, data=data, allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_connect=5,
-                                              sock_read=read_timeout),
+                timeout=self._timeout(read_timeout),
                 compress=None, chunked=None, auto_decompress=False)
         except _BodyTooLarge:
             return denial("body_too_large", f"request body over {self.max_body} bytes", None,

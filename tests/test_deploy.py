@@ -222,10 +222,12 @@ def _exported_series() -> dict[str, set[str]]:
     """Every series name gateway/metrics.py exports, with the label names it
     has once Prometheus stored it (a metric label that clashes with a target
     label arrives as exported_<name>)."""
-    from gateway.metrics import Metrics
+    from gateway.metrics import FastCounter, FastHistogram, Metrics
 
-    suffixes = {
+    suffixes: dict[type, tuple[str, ...]] = {
         Counter: ("_total", "_created"),
+        FastCounter: ("_total",),
+        FastHistogram: ("_bucket", "_count", "_sum"),
         Gauge: ("",),
         Histogram: ("_bucket", "_count", "_sum", "_created"),
         Summary: ("", "_count", "_sum", "_created"),

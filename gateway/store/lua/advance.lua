@@ -116,7 +116,9 @@ end
 if current then
   if now > last then last_s = now_s end  -- max(last, now)
   redis.call('HSET', KEYS[1], 'last', last_s, 'day', ARGV[7], 'used', used_s)
-  keep(start)
+  -- The clock's expiry depends on the lesson start and the day only: set when
+  -- the lesson started, it needs no refresh while both stay the same.
+  if hold ~= '' or state_day ~= day then keep(start) end
   return {'allow', now_s, start_s, fmt(remaining(start, used)), false,
           0, false, false, shadowed}
 end
