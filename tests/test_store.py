@@ -24,7 +24,7 @@ from gateway.errors import StoreUnavailable
 from gateway.identity import Pseudonymizer
 from gateway.store.base import LEASE_SECONDS, Cut, StateStore
 from gateway.store.memory import MemoryStore
-from gateway.store.redis import ADVANCE, RedisStore
+from gateway.store.redis import _IGNORED, ADVANCE, TOUCH, RedisStore, _bulks
 
 T0 = 1_767_225_600.0          # 2026-01-01T00:00:00Z
 DAY = 20_000
@@ -589,3 +589,92 @@ def test_works_on_uvloop(redis_server: RedisServer, key: str) -> None:
             await scenario()
 
     uvloop.run(bounded())
+
+
+# --------------------------------------------------------------- the fast path
+
+async def _flushed(store: RedisStore) -> None:
+    """Let the loop pass that writes the touches run, and Redis answer."""
+    await store.ping()
+
+
+async def test_known_lesson_continues_without_a_round_trip(redis_server: RedisServer,
+                                                           key: str) -> None:
+    """A lesson Redis just allowed goes on locally (no awaited call), and the
+    activity is written behind: Redis's last activity moves."""
+    store = RedisStore(redis_server.url)
+    calls: list[str] = []
+    store._on_call = lambda op, s, ok: calls.append(op)
+    try:
+        first = await store.advance(key, L, DAY, DAY_END)
+        assert first.started
+        await asyncio.sleep(0.05)
+        second = await store.advance(key, L, DAY, DAY_END)
+        assert calls == ["advance"], "the continuing request waited on Redis"
+        assert second.outcome == "allow" and not second.started
+        assert second.start == first.start
+        assert second.remaining == pytest.approx(MAX - (second.now - first.start), abs=0.01)
+        await _flushed(store)
+        state, _ = await store.peek(key)
+        assert state.start == first.start
+        assert state.last == pytest.approx(second.now, abs=1e-3)
+        assert state.last > first.now
+    finally:
+        await store.close()
+
+
+async def test_fast_path_never_starts_a_lesson_or_ends_a_break(redis_server: RedisServer,
+                                                               key: str) -> None:
+    """Near the lesson's limit, near its quiet-time end, with a held
+    connection, a daily limit, or after a cut, the request takes the script."""
+    short = ClockLimits(max_duration=1.5, min_break=30.0)
+    store = RedisStore(redis_server.url)
+    calls: list[str] = []
+    store._on_call = lambda op, s, ok: calls.append(op)
+    try:
+        await store.advance(key, short, DAY, DAY_END)          # a 1.5 s lesson
+        await asyncio.sleep(0.6)                                # < FAST_MARGIN to its end
+        await store.advance(key, short, DAY, DAY_END)
+        assert calls == ["advance", "advance"]
+        calls.clear()
+        other = key + "-b"
+        await store.advance(other, L, DAY, DAY_END)
+        await store.advance(other, L, DAY, DAY_END, hold="c1")  # a lease: the script
+        await store.advance(other, LD, DAY, DAY_END)            # daily limit: the script
+        assert calls == ["advance"] * 3
+        calls.clear()
+        await store.advance(other, L, DAY, DAY_END)             # learnt again: fast
+        await store.advance(other, L, DAY, DAY_END)
+        assert calls == ["advance"]
+        calls.clear()
+        heard = asyncio.Event()
+        await store.subscribe_cuts(lambda cut: heard.set())
+        await store.publish_cut(Cut(other, "policy", "test"))
+        await asyncio.wait_for(heard.wait(), 2)
+        assert other not in store._known, "a cut must send the student back to Redis"
+    finally:
+        await store.close()
+
+
+async def test_touch_leaves_a_newer_lesson_alone(redis_server: RedisServer, key: str) -> None:
+    """A written-behind touch for a lesson that ended meanwhile (another
+    instance started a new one) does not move the new lesson's activity."""
+    a, b = RedisStore(redis_server.url), RedisStore(redis_server.url)
+    try:
+        t0 = 1_000_000.0
+        await a.advance(key, L, DAY, DAY_END, now=t0)
+        await b.advance(key, L, DAY, DAY_END, now=t0 + MAX + BRK + 1)   # a new lesson
+        state, _ = await b.peek(key, now=t0 + MAX + BRK + 1)
+        # a touch carrying the old lesson's start
+        k = f"tutorgate:{{{key}}}:"
+        a._batch.append(TOUCH.command(4, _bulks((k + "clock", k + "conns",
+                                                 repr(t0 + MAX + BRK + 5), repr(t0))),
+                                      load=True))
+        a._batch_futs.append(_IGNORED)
+        a._flush()
+        await _flushed(a)
+        after, _ = await b.peek(key, now=t0 + MAX + BRK + 1)
+        assert after.last == state.last and after.start == state.start
+    finally:
+        await a.close()
+        await b.close()

@@ -1,0 +1,16 @@
+-- touch: activity in a lesson this instance already knows is in progress
+-- (the fast path of RedisStore.advance: the request was allowed without
+-- waiting for Redis, and this write follows without a reply being awaited).
+-- last = max(last, now), and only while the lesson on record is the one the
+-- instance knew (same start): a lesson that ended meanwhile is left alone.
+--
+-- KEYS[1] clock hash   KEYS[2] conns zset (unused; every script takes both)
+-- ARGV    now (the instance's estimate of Redis time), start
+-- Returns 1 if the lesson was touched, else 0.
+
+local h = redis.call('HMGET', KEYS[1], 'start', 'last')
+if h[1] ~= ARGV[2] then return 0 end
+if tonumber(ARGV[1]) > tonumber(h[2] or '0') then
+  redis.call('HSET', KEYS[1], 'last', ARGV[1])
+end
+return 1
