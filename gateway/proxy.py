@@ -244,7 +244,7 @@ class Proxy:
         except TimeoutError:
             return self._upstream_error(request, "timeout", 504)
         except (aiohttp.ClientError, OSError) as e:
-            log.warning("upstream request failed: %s", type(e).__name__)
+            log.warning("upstream request failed: %s: %s", type(e).__name__, e)
             return self._upstream_error(request, "connect", 502)
         self._latency[kind].observe(time.perf_counter() - t0)
         try:
@@ -342,7 +342,7 @@ class Proxy:
                 autoping=False, autoclose=False, max_msg_size=0, compress=0,
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5))
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
-            log.warning("upstream WebSocket failed: %s", type(e).__name__)
+            log.warning("upstream WebSocket failed: %s: %s", type(e).__name__, e)
             if lesson is not None and lesson.conn_id is not None:
                 await self._release_quietly(lesson.key, lesson.conn_id)
             status = e.status if isinstance(e, aiohttp.WSServerHandshakeError) else 502
