@@ -57,6 +57,8 @@ SEEN_MAX = 100_000
 class HeaderIdentity:
     """`source: header`: the platform's auth layer sets trusted headers."""
 
+    uses_cookies = False  # callers may pass {} and skip parsing the Cookie header
+
     def __init__(self, settings: IdentitySettings, pseudonym: Pseudonymizer) -> None:
         self.student_header = settings.student_header
         self.grade_header = settings.grade_header
@@ -81,6 +83,8 @@ class HeaderIdentity:
 
 class JwtIdentity:
     """`source: jwt`: a bearer token, or a named cookie, signed HS256/RS256."""
+
+    uses_cookies = True
 
     def __init__(self, settings: JwtSettings, pseudonym: Pseudonymizer,
                  base_dir: Path | None = None) -> None:

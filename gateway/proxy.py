@@ -145,7 +145,9 @@ class Proxy:
         policy = rt.policy
         ws = _is_websocket(request)
         if route.kind == "lesson":
-            student = rt.identify(request.headers, request.cookies)
+            identify = rt.identify
+            student = identify(request.headers,
+                               request.cookies if identify.uses_cookies else _NO_COOKIES)
             if student.region is not None and not policy.knows_region(student.region):
                 self.metrics.unknown_region.inc()
         else:
@@ -386,6 +388,9 @@ class Proxy:
     async def _release_quietly(self, key: str, conn_id: str) -> None:
         with contextlib.suppress(StoreUnavailable):
             await self.store.release(key, conn_id)
+
+
+_NO_COOKIES: dict[str, str] = {}
 
 
 class _BodyTooLarge(Exception):

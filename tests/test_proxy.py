@@ -304,3 +304,26 @@ async def test_race_two_instances_one_lesson_no_lost_break(upstream, gateways, r
     assert {st for st, _ in second} == {429}
     assert (metric(a, "tutorgate_lessons_started_total") +
             metric(b, "tutorgate_lessons_started_total")) == 1
+
+
+async def test_jwt_identity_end_to_end(upstream, gateways, http, monkeypatch):
+    """source: jwt: a signed token in a bearer header or the named cookie
+    identifies the student; a bad or expired token is identity_required."""
+    import jwt as pyjwt
+    monkeypatch.setenv("TEST_JWT_KEY", "k" * 32)
+    extra = ("identity: {source: jwt, jwt: {algorithm: HS256, key_env: TEST_JWT_KEY, "
+             "cookie: session}}")
+    gw = await gateways(policy_text(max_duration="30m", extra=extra), upstream.url)
+    good = pyjwt.encode({"sub": sid(), "grade": "5", "exp": int(time.time()) + 60},
+                        "k" * 32, algorithm="HS256")
+    expired = pyjwt.encode({"sub": sid(), "exp": int(time.time()) - 60}, "k" * 32,
+                           algorithm="HS256")
+    st, hdrs, _ = await get(http, gw.url(SUBJECT), headers={"Authorization": f"Bearer {good}"})
+    assert st == 200 and "X-Lesson-Remaining" in hdrs
+    async with aiohttp.ClientSession(cookies={"session": good}) as browser, \
+            browser.get(gw.url(SUBJECT)) as r:
+        assert r.status == 200
+    for headers in ({"Authorization": f"Bearer {expired}"}, {"Authorization": "Bearer x.y.z"},
+                    {"X-Student-Id": sid()}):
+        st, _, raw = await get(http, gw.url(SUBJECT), headers=headers)
+        assert st == 401 and __import__("json").loads(raw)["rule"] == "identity_required"
