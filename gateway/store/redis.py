@@ -474,11 +474,21 @@ class RedisStore:
     async def _eval(self, op: str, script: _Script, calls: Sequence[tuple[int, str]]) -> list[Any]:
         """Run `script` once per (argc, packed keys and args) in `calls`, all
         written in this loop pass."""
+        return await self._checked(op, [script.command(n, a) for n, a in calls], script, calls)
+
+    async def _command(self, op: str, args: Sequence[str]) -> Any:
+        return (await self._checked(op, [_pack(*args)]))[0]
+
+    async def _checked(self, op: str, commands: list[bytes], script: _Script | None = None,
+                       calls: Sequence[tuple[int, str]] = ()) -> list[Any]:
+        """Send, recover a flushed script cache, turn error replies into
+        StoreUnavailable, and report the call either way."""
         t0 = time.perf_counter()
         try:
-            replies = await self._send([script.command(n, a) for n, a in calls])
-            again = [i for i, r in enumerate(replies) if _noscript(r)]
+            replies = await self._send(commands)
+            again = [i for i, r in enumerate(replies) if _noscript(r)] if script else []
             if again:
+                assert script is not None
                 # The script cache was emptied (SCRIPT FLUSH, a restart, a
                 # failover): EVAL runs the script and caches it again.
                 redo = await self._send([script.command(*calls[i], load=True) for i in again])
@@ -492,18 +502,6 @@ class RedisStore:
             raise
         self._report(op, t0, True)
         return replies
-
-    async def _command(self, op: str, args: Sequence[str]) -> Any:
-        t0 = time.perf_counter()
-        try:
-            reply = (await self._send([_pack(*args)]))[0]
-            if isinstance(reply, hiredis.ReplyError):
-                raise StoreUnavailable(f"redis refused {op}: {reply}")
-        except StoreUnavailable:
-            self._report(op, t0, False)
-            raise
-        self._report(op, t0, True)
-        return reply
 
     def _report(self, op: str, t0: float, ok: bool) -> None:
         if self._on_call is not None:
