@@ -322,7 +322,8 @@ async def serve(settings: Settings, policy: Policy) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP reloads the policy."""
     gw = Gateway(settings, policy)
     if gw.store.kind == "memory":
-        log.info("state store: in process memory (one instance only; state is lost on exit)")
+        log.info("state store: in process memory (one instance only; state is lost on exit; "
+                 "no audit trail: it needs --redis)")
     else:
         log.info("state store: redis (shared by every instance on it)")
     main_runner = web.AppRunner(gw.main_app(), access_log=None, shutdown_timeout=settings.grace,
