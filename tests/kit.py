@@ -41,6 +41,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def near_local_time(hour: int, minute: int = 0, margin: float = 120.0) -> bool:
+    """True within `margin` seconds of HH:MM in the policy zone."""
+    n = dt.datetime.now(TZ)
+    since = n.hour * 3600 + n.minute * 60 + n.second
+    apart = abs(since - (hour * 3600 + minute * 60))
+    return min(apart, 86400 - apart) < margin
+
+
+def near_local_midnight(margin: float = 120.0) -> bool:
+    """True near local midnight in the policy zone, where a test about
+    "today" could see the day change under it."""
+    return near_local_time(0, 0, margin)
+
+
 def far_curfew() -> tuple[str, str]:
     """A curfew window 12 h from now: never in a test's way."""
     n = dt.datetime.now(TZ)

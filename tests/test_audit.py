@@ -11,8 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import redis
-from kit import ARTS, FORBIDDEN, SUBJECT, TZ, metric, policy_text
+from kit import ARTS, FORBIDDEN, SUBJECT, TZ, metric, near_local_midnight, policy_text
 
 EXE = str(Path(sys.executable).parent / "tutorgate")
 LIVE = "/classroom/arts/room/live"
@@ -50,6 +51,7 @@ async def scripted_day(gw, http) -> list[str]:  # type: ignore[no-untyped-def]
     return ids
 
 
+@pytest.mark.skipif(near_local_midnight(), reason="the day's events would span two days")
 async def test_export_complete_ordered_and_matches_metrics(upstream, gateways, http,
                                                           private_redis):
     """audit export returns every event of the day in order; audit report

@@ -10,7 +10,17 @@ import uuid
 
 import aiohttp
 import pytest
-from kit import ARTS, FORBIDDEN, SUBJECT, body_chunks, free_port, headers_of, metric, policy_text
+from kit import (
+    ARTS,
+    FORBIDDEN,
+    SUBJECT,
+    body_chunks,
+    free_port,
+    headers_of,
+    metric,
+    near_local_time,
+    policy_text,
+)
 from yarl import URL
 
 
@@ -327,3 +337,44 @@ async def test_jwt_identity_end_to_end(upstream, gateways, http, monkeypatch):
                     {"X-Student-Id": sid()}):
         st, _, raw = await get(http, gw.url(SUBJECT), headers=headers)
         assert st == 401 and __import__("json").loads(raw)["rule"] == "identity_required"
+
+
+@pytest.mark.skipif(near_local_time(23, 0, 180),
+                    reason="the demo's 23:00 curfew would cut the lesson short")
+async def test_demo_countdown_through_the_gateway(http):
+    """The demo: its auth stand-in turns cookies into identity headers, the
+    lesson page is served through the gateway, and the status endpoint the
+    page's countdown reads answers for that student."""
+    from aiohttp import web
+    from kit import free_port
+
+    from gateway.app import Gateway
+    from gateway.demo.run import demo_auth, demo_policy
+    from gateway.demo.site import make_site
+    from gateway.settings import Settings
+    site = web.AppRunner(make_site())
+    await site.setup()
+    sport, gport = free_port(), free_port()
+    await web.TCPSite(site, "127.0.0.1", sport).start()
+    gw = Gateway(Settings(policy_path="", upstream=f"http://127.0.0.1:{sport}",
+                          id_secret=b"demo"), demo_policy())
+    app = gw.main_app()
+    app.middlewares.append(demo_auth)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", gport).start()
+    try:
+        cookies = {"demo_sid": sid(), "demo_grade": "3"}
+        async with aiohttp.ClientSession(cookies=cookies) as browser:
+            async with browser.get(f"http://127.0.0.1:{gport}/classroom/arts/drawing") as r:
+                page = await r.text()
+                assert r.status == 200 and "/_tutorgate/status" in page
+                assert 44 <= int(r.headers["X-Lesson-Remaining"]) <= 45
+            async with browser.get(f"http://127.0.0.1:{gport}/_tutorgate/status") as r:
+                st = await r.json()
+            assert st["state"] == "lesson" and 43 <= st["lesson_remaining"] <= 45
+            async with browser.get(f"http://127.0.0.1:{gport}/api/photo-search") as r:
+                assert r.status == 403
+    finally:
+        await runner.cleanup()
+        await site.cleanup()

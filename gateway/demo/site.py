@@ -49,11 +49,13 @@ async def home(request: web.Request) -> web.Response:
 async def lesson(request: web.Request) -> web.Response:
     name = request.match_info.get("name", "lesson")
     kind = "学科类" if "/subject/" in request.path else "非学科类"
-    remaining = request.headers.get("X-Lesson-Remaining", "")
+    # The countdown asks the gateway (GET /_tutorgate/status), as a platform's
+    # page would: the upstream never sees the gateway's response headers.
     return _page(f"{name} 课堂", f"""
 <h1>{html.escape(name)} · {kind}课堂</h1>
-<p>本节课剩余 <b id=left data-left="{html.escape(remaining)}">…</b>。</p>
-<p>每次点击“下一题”都是一次上课请求；下课后网关会显示休息页面。</p>
+<p>本节课剩余 <b id=left>…</b>。</p>
+<p>每次点击“下一题”都是一次上课请求；下课后网关会显示休息页面。
+20 秒不操作也算休息过了，下一次请求开始新的一节课。</p>
 <p><a class=btn href="{html.escape(request.path)}">下一题</a> <a href="/">返回首页</a></p>
 <div id=live></div>
 """)
