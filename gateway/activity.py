@@ -25,6 +25,11 @@ class ActivityView:
         self._lessons[key] = (start, now, limits)
         self._breaks.pop(key, None)
 
+    def last_seen(self, key: str, default: float) -> float:
+        """The last activity this instance saw of the student's lesson."""
+        seen = self._lessons.get(key)
+        return default if seen is None else seen[1]
+
     def in_break(self, key: str, until: float) -> None:
         self._breaks[key] = until
         self._lessons.pop(key, None)

@@ -252,6 +252,7 @@ class Gateway:
             await self.audit.start()
         self.scheduler.every("lease-renewal", 10, self.live.renew_leases)
         self.scheduler.every("policy-watch", 1, self.watch_policy)
+        self.scheduler.every("lesson-sweep", 15, self.proxy.sweep_ended)
         self.scheduler.daily("calendar-upkeep", 0, 5, 0, self.policy.model.timezone,
                              self.calendar_upkeep)
         self.scheduler.set_curfew_jobs(self.policy, self.curfew_cut)

@@ -49,6 +49,7 @@ class Step:
     retry_after: float | None    # denied: seconds until the rule stops applying
     started: bool = False        # this step started a lesson
     ended_duration: float | None = None  # this step closed a lesson that lasted this long
+    ended_start: float | None = None     # ... and started then (it names the lesson)
     break_taken: float | None = None     # gap before the lesson this step started
     shadowed: tuple[Outcome, ...] = ()   # shadowed rules that would have denied
 
@@ -119,7 +120,8 @@ def advance(state: ClockState, now: float, limits: ClockLimits, day: int,
             used += duration
     new = ClockState(start=now, last=now, conns=state.conns, day=day, used=used)
     return Step("allow", now, now, _remaining(new, now, limits, used), None, started=True,
-                ended_duration=duration, break_taken=gap, shadowed=shadowed), new
+                ended_duration=duration, break_taken=gap, shadowed=shadowed,
+                ended_start=state.start if ended is not None else None), new
 
 
 def _remaining(state: ClockState, now: float, limits: ClockLimits, used: float) -> float:

@@ -14,7 +14,7 @@ import logging
 import math
 import posixpath
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from yarl import URL
 
 from . import rules
 from .activity import ActivityView
+from .clock import ClockLimits, in_lesson, lesson_end
 from .errors import StoreUnavailable
 from .identity import Identify
 from .live import CLOSE_CODES, LiveConn, LiveRegistry, new_conn_id
@@ -46,6 +47,9 @@ WS_HANDSHAKE = frozenset({
     "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
     "sec-websocket-accept", "sec-websocket-protocol",
 })
+# An ended lesson's report is claimed once fleet-wide for this long.
+CLAIM_TTL = 2 * 86400.0
+OWNED_MAX = 200_000
 # Bodies up to this size are read whole: one write is cheaper than a stream.
 SMALL_BODY = 256 * 1024
 # Close codes a close frame must never carry (RFC 6455 7.4.1).
@@ -89,6 +93,10 @@ class Proxy:
         self.session: aiohttp.ClientSession | None = None
         self.on_event = on_event  # audit hook: (event, key, rule, category, region)
         self.draining = False
+        # lessons this instance started, until reported ended:
+        # key -> (start, limits, category, region)
+        self.owned: dict[str, tuple[float, ClockLimits, str, str]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         # Pre-bound counters: labels() per request costs a dict lookup and a lock.
         self._decision_children: dict[tuple[str, str, str, str], Any] = {}
         self._timeouts: dict[float | None, aiohttp.ClientTimeout] = {}
@@ -198,22 +206,66 @@ class Proxy:
             if step.started:
                 self.metrics.lessons_started.labels(region).inc()
                 honoured = None
-                if step.ended_duration is not None:
-                    self.metrics.lesson_duration.labels(region).observe(step.ended_duration)
+                if step.ended_duration is not None and step.ended_start is not None:
                     honoured = step.break_taken is not None and \
                         step.break_taken >= pre.limits.min_break - 1e-6
                     self.metrics.breaks_honoured.labels("true" if honoured else "false").inc()
+                    # The lesson this one follows may have been reported already
+                    # by the sweep of the instance that started it.
+                    self._spawn(self.report_end(key, step.ended_start, step.ended_duration,
+                                                pre.route.category, region))
                 if self.on_event is not None:
-                    if step.ended_duration is not None:
-                        # A lesson's end is known (and recorded) when the next one
-                        # starts; the event keeps the stream's time order and
-                        # carries the lesson's real length.
-                        self.on_event("lesson_end", key, None, pre.route.category, region,
-                                      duration=step.ended_duration)
                     self.on_event("lesson_start", key, None, pre.route.category, region,
                                   break_seconds=step.break_taken, break_honoured=honoured)
+                if len(self.owned) >= OWNED_MAX:
+                    self.owned.clear()
+                self.owned[key] = (step.start, pre.limits, pre.route.category, region)
         elif step.outcome == "break_required" and step.retry_after is not None:
             self.activity.in_break(key, step.now + step.retry_after)
+
+    # ------------------------------------------------------------ lesson ends
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def report_end(self, key: str, start: float, duration: float, category: str,
+                         region: str) -> None:
+        """Record an ended lesson once fleet-wide: its length in the histogram
+        and a lesson_end audit event."""
+        try:
+            first = await self.store.claim(key, repr(start), CLAIM_TTL)
+        except StoreUnavailable:
+            log.warning("a lesson's end could not be recorded: the state store is down")
+            return
+        if not first:
+            return
+        self.metrics.lesson_duration.labels(region).observe(duration)
+        if self.on_event is not None:
+            self.on_event("lesson_end", key, None, category, region, duration=duration)
+
+    async def sweep_ended(self) -> None:
+        """Report the lessons this instance started that are over by now
+        (limit or quiet time) although no next lesson has closed them."""
+        now = time.time()
+        for key, (start, limits, category, region) in list(self.owned.items()):
+            # the local view first: a lesson plainly going on needs no look
+            if now < start + limits.max_duration and \
+                    self.activity.last_seen(key, 0.0) + limits.min_break > now:
+                continue
+            try:
+                state, t = await self.store.peek(key)
+            except StoreUnavailable:
+                return
+            if state.start != start:
+                # a next lesson started: its first request reported this one
+                self.owned.pop(key, None)
+            elif not in_lesson(state, t, limits):
+                ended = lesson_end(state, limits)
+                self.owned.pop(key, None)
+                if ended is not None:
+                    await self.report_end(key, start, ended[0] - start, category, region)
 
     # ------------------------------------------------------------ HTTP
 

@@ -47,8 +47,14 @@ async def scripted_day(gw, http) -> list[str]:  # type: ignore[no-untyped-def]
     for s in ids:
         async with http.get(gw.url(ARTS), headers={"X-Student-Id": s}) as r:
             assert r.status == 200          # second lessons: the first ones end
-    await gw.gateway.audit.flush()
+    await settle(gw)
     return ids
+
+
+async def settle(gw) -> None:  # type: ignore[no-untyped-def]
+    """Let the ended-lesson reports finish, then write the audit buffer."""
+    await asyncio.gather(*list(gw.gateway.proxy._tasks))
+    await gw.gateway.audit.flush()
 
 
 @pytest.mark.skipif(near_local_midnight(), reason="the day's events would span two days")
@@ -125,13 +131,44 @@ async def test_retention_trims_old_events(upstream, gateways, http, private_redi
     for _ in range(3):
         async with http.get(gw.url(FORBIDDEN)) as r:
             assert r.status == 403
-    await gw.gateway.audit.flush()
+    await settle(gw)
     assert len(export(private_redis.url)) == 3
     time.sleep(retention_s + 0.2)
     async with http.get(gw.url(FORBIDDEN)) as r:
         assert r.status == 403
     await gw.gateway.audit.flush()
     assert len(export(private_redis.url)) == 1
+
+
+async def test_lesson_without_a_successor_is_reported_once(upstream, gateways, http,
+                                                           private_redis):
+    """A lesson after which the student never comes back is reported ended
+    by the sweep of the instance that started it, with its real length; a
+    later lesson of the same student does not report it a second time, even
+    through another instance."""
+    pol = policy_text(max_duration="1s", min_break="1s")
+    a = await gateways(pol, upstream.url, redis_url=private_redis.url)
+    b = await gateways(pol, upstream.url, redis_url=private_redis.url)
+    s = "carol-0003"
+    async with http.get(a.url(ARTS), headers={"X-Student-Id": s}) as r:
+        assert r.status == 200
+    await asyncio.sleep(1.3)          # the 1 s lesson and its quiet time are over
+    await b.gateway.proxy.sweep_ended()   # b started nothing: reports nothing
+    await a.gateway.proxy.sweep_ended()
+    await settle(a)
+    ends = [e for e in export(private_redis.url) if e["event"] == "lesson_end"]
+    assert len(ends) == 1 and ends[0]["student"] == a.gateway.pseudonym(s)
+    assert 0 <= ends[0]["duration"] <= 1.0
+    assert metric(a, "tutorgate_lesson_duration_seconds_count") == 1
+    await asyncio.sleep(0.8)
+    async with http.get(b.url(ARTS), headers={"X-Student-Id": s}) as r:
+        assert r.status == 200        # a new lesson through the other instance
+    await settle(b)
+    await a.gateway.proxy.sweep_ended()
+    await settle(a)
+    ends = [e for e in export(private_redis.url) if e["event"] == "lesson_end"]
+    assert len(ends) == 1, ends
+    assert metric(b, "tutorgate_lesson_duration_seconds_count") == 0
 
 
 def test_export_since_until_and_bad_arguments(private_redis):

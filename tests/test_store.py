@@ -93,7 +93,7 @@ async def test_limit_reached_requires_the_break(store: StateStore, key: str) -> 
         assert s == Step("break_required", now, 0.0, None, T0 + MAX + BRK - now)
     s = await step(store, key, T0 + MAX + BRK)
     assert s == Step("allow", T0 + MAX + BRK, T0 + MAX + BRK, MAX, None, started=True,
-                     ended_duration=MAX, break_taken=BRK)
+                     ended_duration=MAX, break_taken=BRK, ended_start=T0)
 
 
 async def test_quiet_gap_ends_the_lesson(store: StateStore, key: str) -> None:
@@ -102,7 +102,7 @@ async def test_quiet_gap_ends_the_lesson(store: StateStore, key: str) -> None:
     await step(store, key, T0 + 300)
     s = await step(store, key, T0 + 300 + BRK)
     assert s == Step("allow", T0 + 900, T0 + 900, MAX, None, started=True,
-                     ended_duration=300.0, break_taken=BRK)
+                     ended_duration=300.0, break_taken=BRK, ended_start=T0)
 
 
 async def test_short_gap_does_not_reset(store: StateStore, key: str) -> None:
@@ -678,3 +678,11 @@ async def test_touch_leaves_a_newer_lesson_alone(redis_server: RedisServer, key:
     finally:
         await a.close()
         await b.close()
+
+
+async def test_claim_is_first_come_once(store: StateStore, key: str) -> None:
+    """claim() answers True once per (student, token) within its ttl, on both stores."""
+    assert await store.claim(key, "1767225600.0", 60.0) is True
+    assert await store.claim(key, "1767225600.0", 60.0) is False
+    assert await store.claim(key, "1767227400.5", 60.0) is True
+    assert await store.claim(key + "-other", "1767225600.0", 60.0) is True

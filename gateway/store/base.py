@@ -54,6 +54,11 @@ class StateStore(Protocol):
         """The student's clock (live leases counted in `conns`) and the store's now."""
         ...
 
+    async def claim(self, key: str, token: str, ttl: float) -> bool:
+        """True for the first caller (fleet-wide) to claim `token` for this
+        student within `ttl` seconds: one report per ended lesson."""
+        ...
+
     async def publish_cut(self, cut: Cut) -> None:
         """Tell every instance sharing this store to close `cut.key`'s connections."""
         ...

@@ -27,6 +27,7 @@ class MemoryStore:
         self._leases: dict[str, dict[str, float]] = {}
         self._expires: dict[str, float] = {}
         self._handlers: list[CutHandler] = []
+        self._claims: dict[tuple[str, str], float] = {}
         self._ops = 0
 
     def _now(self, now: float | None) -> float:
@@ -98,6 +99,15 @@ class MemoryStore:
     async def peek(self, key: str, *, now: float | None = None) -> tuple[ClockState, float]:
         t = self._now(now)
         return self._state(key, t), t
+
+    async def claim(self, key: str, token: str, ttl: float) -> bool:
+        t = self._clock()
+        if len(self._claims) > 100_000:
+            self._claims = {k: v for k, v in self._claims.items() if v > t}
+        if self._claims.get((key, token), 0.0) > t:
+            return False
+        self._claims[(key, token)] = t + ttl
+        return True
 
     async def publish_cut(self, cut: Cut) -> None:
         for h in list(self._handlers):

@@ -287,7 +287,8 @@ class RedisStore:
             raise
         step = Step(_OUTCOMES[r[0]], float(r[1]), float(r[2]), _opt(r[3]), _opt(r[4]),
                     started=r[5] == 1, ended_duration=_opt(r[6]), break_taken=_opt(r[7]),
-                    shadowed=tuple(_OUTCOMES[x] for x in r[8].split(b",")) if r[8] else ())
+                    shadowed=tuple(_OUTCOMES[x] for x in r[8].split(b",")) if r[8] else (),
+                    ended_start=_opt(r[9]) if len(r) > 9 else None)
         if now is None:
             self._learn(key, limits, step, r[2].decode())
         return step
@@ -367,6 +368,11 @@ class RedisStore:
             return False
 
     # ----------------------------------------------------------- cuts
+
+    async def claim(self, key: str, token: str, ttl: float) -> bool:
+        reply = await self._command("claim", ("SET", f"{self._prefix}{{{key}}}:claim:{token}",
+                                              "1", "NX", "PX", str(int(ttl * 1000))))
+        return reply is not None
 
     async def publish_cut(self, cut: Cut) -> None:
         msg = json.dumps({"key": cut.key, "rule": cut.rule, "origin": cut.origin})

@@ -16,7 +16,8 @@
 --         enforce_break ('1'/'0'), enforce_daily ('1'/'0'), day, seconds_to_day_end,
 --         lease_seconds, hold conn_id ('' = none)
 -- Returns {outcome, now, start, remaining, retry_after, started (0/1),
---          ended_duration, break_taken, shadowed ('a,b' in checking order)};
+--          ended_duration, break_taken, shadowed ('a,b' in checking order),
+--          ended_start (only when a lesson was closed)};
 --         false (nil) for None.
 
 local function fmt(x)
@@ -142,5 +143,7 @@ if ended then
 end
 redis.call('HSET', KEYS[1], 'start', now_s, 'last', now_s, 'day', ARGV[7], 'used', used_s)
 keep(now)
+local ended_start = false
+if ended then ended_start = start_s end
 return {'allow', now_s, now_s, fmt(remaining(now, used)), false,
-        1, fmt(duration), fmt(gap), shadowed}
+        1, fmt(duration), fmt(gap), shadowed, ended_start}
