@@ -20,7 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -156,6 +156,19 @@ def exit_on_sigterm() -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGHUP, handler)
+
+
+def guarded(what: str, run: Callable[[], int]) -> int:
+    """A benchmark's main: children die with us, a BenchError is one line."""
+    exit_on_sigterm()
+    try:
+        return run()
+    except BenchError as err:
+        print(f"{what} failed: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 # --------------------------------------------------------------------------- http

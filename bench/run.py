@@ -590,15 +590,7 @@ def run(settings: Settings, wanted: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings, wanted = parse_args(argv)
-    harness.exit_on_sigterm()
-    try:
-        return run(settings, wanted)
-    except BenchError as err:
-        print(f"bench failed: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return harness.guarded("bench", lambda: run(settings, wanted))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 import aiohttp
 import harness
-from harness import HOST, BenchError, Child, Children
+from harness import HOST, Child, Children
 
 MIB = 1024 * 1024
 ROUTES = {"pass": "/static/upload", "lesson": "/classroom/arts/upload"}
@@ -230,15 +230,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    harness.exit_on_sigterm()
-    try:
-        return asyncio.run(run(args))
-    except BenchError as err:
-        print(f"upload check failed: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return harness.guarded("upload check", lambda: asyncio.run(run(args)))
 
 
 if __name__ == "__main__":
