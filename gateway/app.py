@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import logging
-import math
 import os
 import signal
 import time
@@ -347,20 +345,10 @@ async def serve(settings: Settings, policy: Policy) -> int:
     await stop.wait()
     log.info("shutting down: closing live connections (1001), draining for up to %.0fs",
              settings.grace)
-    gw.proxy.draining = True
     await gw.live.close_all("shutdown")
     await main_runner.cleanup()
     await admin_runner.cleanup()
     return 0
-
-
-def status_json(payload: dict[str, object]) -> web.Response:
-    return web.Response(text=json.dumps(payload), content_type="application/json",
-                        headers={"Cache-Control": "no-store"})
-
-
-def whole(seconds: float | None) -> int | None:
-    return None if seconds is None else max(math.floor(seconds), 0)
 
 
 __all__ = ["Gateway", "load_policy", "serve"]

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Literal
 
-import chinese_calendar
 from chinese_calendar import constants as _cc
 
 RestReason = Literal["holiday", "weekend", "vacation", "extra"]
@@ -184,6 +183,5 @@ __all__ = [
     "RestCalendar",
     "RestDay",
     "Vacation",
-    "chinese_calendar",
     "packaged_range",
 ]

@@ -92,7 +92,6 @@ class Proxy:
         self.read_timeout = read_timeout
         self.session: aiohttp.ClientSession | None = None
         self.on_event = on_event  # audit hook: (event, key, rule, category, region)
-        self.draining = False
         # lessons this instance started, until reported ended:
         # key -> (start, limits, category, region)
         self.owned: dict[str, tuple[float, ClockLimits, str, str]] = {}
@@ -268,9 +267,6 @@ class Proxy:
                     await self.report_end(key, start, ended[0] - start, category, region)
 
     # ------------------------------------------------------------ HTTP
-
-    def _upstream_headers(self, request: web.Request, websocket: bool = False) -> CIMultiDict[str]:
-        return upstream_headers(request, websocket)
 
     async def forward(self, request: web.Request, route: Route | None,
                       lesson: Lesson | None = None,
