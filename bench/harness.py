@@ -158,6 +158,15 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGHUP, handler)
 
 
+def start_upstream(kids: Children) -> tuple[Child, str]:
+    """bench/upstream.py on a free port, answering; its child and base URL."""
+    port = free_port()
+    child = kids.start("upstream", script_argv("upstream.py", "--port", str(port)))
+    url = f"http://{HOST}:{port}"
+    wait_http(f"{url}/", child, want=200)
+    return child, url
+
+
 def guarded(what: str, run: Callable[[], int]) -> int:
     """A benchmark's main: children die with us, a BenchError is one line."""
     exit_on_sigterm()

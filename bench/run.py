@@ -539,12 +539,7 @@ def run(settings: Settings, wanted: Sequence[str]) -> int:
     errors: list[str] = []
     per_round: list[list[Line]] = []
     with Children() as kids:
-        upstream_port = harness.free_port()
-        upstream = kids.start(
-            "upstream", harness.script_argv("upstream.py", "--port", str(upstream_port))
-        )
-        upstream_url = f"http://{HOST}:{upstream_port}"
-        harness.wait_http(f"{upstream_url}/", upstream, want=200)
+        upstream, upstream_url = harness.start_upstream(kids)
         policy = harness.RESULTS_DIR / "policy.yaml"
         if any(key.startswith("gw_") for key in wanted):
             curfew = harness.write_policy(policy)

@@ -161,12 +161,7 @@ async def run(args: argparse.Namespace) -> int:
     routes = [r.strip() for r in args.routes.split(",") if r.strip()]
     uploads: list[Upload] = []
     with Children() as kids:
-        upstream_port = harness.free_port()
-        upstream = kids.start(
-            "upstream", harness.script_argv("upstream.py", "--port", str(upstream_port))
-        )
-        upstream_url = f"http://{HOST}:{upstream_port}"
-        harness.wait_http(f"{upstream_url}/", upstream, want=200)
+        _, upstream_url = harness.start_upstream(kids)
         target, base = start_target(kids, args, upstream_url)
         mode = "bare proxy" if args.target == "bare" else ("redis" if args.redis else "memory")
         print(

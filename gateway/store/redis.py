@@ -70,8 +70,10 @@ class _Script:
     on two keys. The command heads are packed once."""
 
     def __init__(self, name: str) -> None:
-        lua = resources.files("gateway.store").joinpath("lua", f"{name}.lua")
-        self.body = lua.read_text("utf-8")
+        lua = resources.files("gateway.store").joinpath("lua")
+        # every script starts with the shared store clock (_clock.lua)
+        self.body = (lua.joinpath("_clock.lua").read_text("utf-8")
+                     + lua.joinpath(f"{name}.lua").read_text("utf-8"))
         self.sha = hashlib.sha1(self.body.encode()).hexdigest()
         self._heads = (f"$7\r\nEVALSHA\r\n$40\r\n{self.sha}\r\n$1\r\n2\r\n",
                        f"$4\r\nEVAL\r\n{_bulk(self.body)}$1\r\n2\r\n")

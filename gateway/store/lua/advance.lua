@@ -25,14 +25,7 @@ local function fmt(x)
   return string.format('%.17g', x)
 end
 
-local now_s = ARGV[1]
-if now_s == '' then
-  -- One clock for every gateway instance: the Redis server's, read inside the
-  -- atomic step, so instances with skewed clocks still agree on when a lesson
-  -- started, ends and may start again. Seconds "." microseconds, parsed once.
-  local t = redis.call('TIME')
-  now_s = t[1] .. '.' .. string.rep('0', 6 - #t[2]) .. t[2]
-end
+local now_s = store_now(ARGV[1])  -- _clock.lua
 local now = tonumber(now_s)
 local max_duration = tonumber(ARGV[2])
 local min_break = tonumber(ARGV[3])

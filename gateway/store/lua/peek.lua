@@ -5,11 +5,7 @@
 -- ARGV    now ('' = Redis TIME)
 -- Returns {now, start, last, day, used, conns}; false (nil) for a missing field.
 
-local now_s = ARGV[1]
-if now_s == '' then
-  local t = redis.call('TIME')  -- the one clock every instance shares (advance.lua)
-  now_s = t[1] .. '.' .. string.rep('0', 6 - #t[2]) .. t[2]
-end
+local now_s = store_now(ARGV[1])  -- _clock.lua
 local h = redis.call('HMGET', KEYS[1], 'start', 'last', 'day', 'used')
 local conns = redis.call('ZCOUNT', KEYS[2], '(' .. now_s, '+inf')
 return {now_s, h[1], h[2], h[3], h[4], conns}

@@ -6,11 +6,7 @@
 -- ARGV    now ('' = Redis TIME), conn_id
 -- Returns 1 if a live lease was released, else 0.
 
-local now_s = ARGV[1]
-if now_s == '' then
-  local t = redis.call('TIME')  -- the one clock every instance shares (advance.lua)
-  now_s = t[1] .. '.' .. string.rep('0', 6 - #t[2]) .. t[2]
-end
+local now_s = store_now(ARGV[1])  -- _clock.lua
 local now = tonumber(now_s)
 
 local expiry = redis.call('ZSCORE', KEYS[2], ARGV[2])

@@ -6,11 +6,7 @@
 -- ARGV    now ('' = Redis TIME), lease_seconds, conn_id...
 -- Returns the number of leases renewed.
 
-local now_s = ARGV[1]
-if now_s == '' then
-  local t = redis.call('TIME')  -- the one clock every instance shares (advance.lua)
-  now_s = t[1] .. '.' .. string.rep('0', 6 - #t[2]) .. t[2]
-end
+local now_s = store_now(ARGV[1])  -- _clock.lua
 local now = tonumber(now_s)
 local expires = now + tonumber(ARGV[2])
 local expires_s = string.format('%.17g', expires)
