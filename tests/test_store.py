@@ -24,7 +24,15 @@ from gateway.errors import StoreUnavailable
 from gateway.identity import Pseudonymizer
 from gateway.store.base import LEASE_SECONDS, Cut, StateStore
 from gateway.store.memory import MemoryStore
-from gateway.store.redis import _IGNORED, ADVANCE, TOUCH, RedisStore, _bulks
+from gateway.store.redis import (
+    ADVANCE,
+    FAST_MARGIN,
+    TOUCH,
+    TOUCH_EVERY,
+    RedisStore,
+    _bulks,
+    _Known,
+)
 
 T0 = 1_767_225_600.0          # 2026-01-01T00:00:00Z
 DAY = 20_000
@@ -594,15 +602,16 @@ def test_works_on_uvloop(redis_server: RedisServer, key: str) -> None:
 # --------------------------------------------------------------- the fast path
 
 async def _flushed(store: RedisStore) -> None:
-    """Let the loop pass that writes the touches run, and Redis answer."""
+    """Let the loop pass that writes the queued touches run, and Redis answer."""
     await store.ping()
 
 
 async def test_known_lesson_continues_without_a_round_trip(redis_server: RedisServer,
                                                            key: str) -> None:
     """A lesson Redis just allowed goes on locally (no awaited call), and the
-    activity is written behind: Redis's last activity moves."""
-    store = RedisStore(redis_server.url)
+    activity is written behind: within TOUCH_EVERY, or ahead of a script that
+    reads it, Redis's last activity moves."""
+    store, other = RedisStore(redis_server.url), RedisStore(redis_server.url)
     calls: list[str] = []
     store._on_call = lambda op, s, ok: calls.append(op)
     try:
@@ -614,11 +623,43 @@ async def test_known_lesson_continues_without_a_round_trip(redis_server: RedisSe
         assert second.outcome == "allow" and not second.started
         assert second.start == first.start
         assert second.remaining == pytest.approx(MAX - (second.now - first.start), abs=0.01)
-        await _flushed(store)
+        # a script of this instance reading the clock gets the touch first
         state, _ = await store.peek(key)
+        assert calls == ["advance", "touch", "peek"]
         assert state.start == first.start
         assert state.last == pytest.approx(second.now, abs=1e-3)
         assert state.last > first.now
+        # another instance sees it once the touches are flushed (timer)
+        third = await store.advance(key, L, DAY, DAY_END)
+        await asyncio.sleep(TOUCH_EVERY + 0.1)
+        seen, _ = await other.peek(key)
+        assert seen.last == pytest.approx(third.now, abs=1e-3)
+        assert calls == ["advance", "touch", "peek", "touch"]
+    finally:
+        await store.close()
+        await other.close()
+
+
+async def test_known_lesson_needs_no_resync_until_its_end(redis_server: RedisServer,
+                                                          key: str) -> None:
+    """Nothing another instance does can end a lesson this instance sees
+    going on, so the knowledge holds for the lesson's whole length: 25 min
+    later (the clock moved by the Redis-time offset) the request is still
+    answered locally, with the remaining time counted from the start."""
+    store = RedisStore(redis_server.url)
+    calls: list[str] = []
+    store._on_call = lambda op, s, ok: calls.append(op)
+    try:
+        first = await store.advance(key, L, DAY, DAY_END)
+        for minutes in (5, 10, 15, 20, 25):   # activity every 5 min < the 10 min break
+            store._offset += 300.0
+            step_ = await store.advance(key, L, DAY, DAY_END)
+            assert step_.start == first.start and not step_.started
+            assert step_.remaining == pytest.approx(MAX - minutes * 60, abs=0.5)
+        assert calls == ["advance"]
+        store._offset += 300.0 - FAST_MARGIN / 2  # within FAST_MARGIN of the limit: ask Redis
+        await store.advance(key, L, DAY, DAY_END)
+        assert calls[-1] == "advance" and calls.count("advance") == 2
     finally:
         await store.close()
 
@@ -626,7 +667,8 @@ async def test_known_lesson_continues_without_a_round_trip(redis_server: RedisSe
 async def test_fast_path_never_starts_a_lesson_or_ends_a_break(redis_server: RedisServer,
                                                                key: str) -> None:
     """Near the lesson's limit, near its quiet-time end, with a held
-    connection, a daily limit, or after a cut, the request takes the script."""
+    connection, a daily limit, after a cut, or on a new connection to Redis,
+    the request takes the script."""
     short = ClockLimits(max_duration=1.5, min_break=30.0)
     store = RedisStore(redis_server.url)
     calls: list[str] = []
@@ -635,6 +677,12 @@ async def test_fast_path_never_starts_a_lesson_or_ends_a_break(redis_server: Red
         await store.advance(key, short, DAY, DAY_END)          # a 1.5 s lesson
         await asyncio.sleep(0.6)                                # < FAST_MARGIN to its end
         await store.advance(key, short, DAY, DAY_END)
+        assert calls == ["advance", "advance"]
+        calls.clear()
+        quiet = ClockLimits(max_duration=MAX, min_break=1.5)
+        await store.advance(key + "-q", quiet, DAY, DAY_END)
+        await asyncio.sleep(0.6)                                # < FAST_MARGIN to quiet end
+        await store.advance(key + "-q", quiet, DAY, DAY_END)
         assert calls == ["advance", "advance"]
         calls.clear()
         other = key + "-b"
@@ -652,6 +700,12 @@ async def test_fast_path_never_starts_a_lesson_or_ends_a_break(redis_server: Red
         await store.publish_cut(Cut(other, "policy", "test"))
         await asyncio.wait_for(heard.wait(), 2)
         assert other not in store._known, "a cut must send the student back to Redis"
+        await store.advance(other, L, DAY, DAY_END)             # learnt again
+        assert store._conn is not None
+        store._conn.fail("test: connection dropped")
+        await store.advance(other, L, DAY, DAY_END)             # a new connection: the script
+        assert calls.count("advance") == 2
+        assert not store._known or other in store._known        # learnt from the new one
     finally:
         await store.close()
 
@@ -667,17 +721,47 @@ async def test_touch_leaves_a_newer_lesson_alone(redis_server: RedisServer, key:
         state, _ = await b.peek(key, now=t0 + MAX + BRK + 1)
         # a touch carrying the old lesson's start
         k = f"tutorgate:{{{key}}}:"
-        a._batch.append(TOUCH.command(4, _bulks((k + "clock", k + "conns",
-                                                 repr(t0 + MAX + BRK + 5), repr(t0))),
-                                      load=True))
-        a._batch_futs.append(_IGNORED)
-        a._flush()
+        head = TOUCH.command(4, _bulks((k + "clock", k + "conns", repr(t0))))
+        a._queue_touches([(key, _Known(repr(t0), t0, t0 + MAX + BRK + 5, L, head))])
         await _flushed(a)
         after, _ = await b.peek(key, now=t0 + MAX + BRK + 1)
         assert after.last == state.last and after.start == state.start
     finally:
         await a.close()
         await b.close()
+
+
+async def test_touch_survives_a_flushed_script_cache(redis_server: RedisServer, key: str,
+                                                     client: aioredis.Redis) -> None:
+    """SCRIPT FLUSH (or a failover) between two touches: the touch that meets
+    NOSCRIPT goes again as EVAL, and the activity still reaches Redis."""
+    store = RedisStore(redis_server.url)
+    calls: list[tuple[str, bool]] = []
+    store._on_call = lambda op, s, ok: calls.append((op, ok))
+    try:
+        await store.advance(key, L, DAY, DAY_END)
+        await client.script_flush()
+        fast = await store.advance(key, L, DAY, DAY_END)
+        await asyncio.sleep(2 * TOUCH_EVERY + 0.1)   # the refused touch, then its retry
+        state, _ = await RedisStore(redis_server.url).peek(key)
+        assert state.last == pytest.approx(fast.now, abs=1e-3)
+        assert ("touch", True) in calls
+    finally:
+        await store.close()
+
+
+async def test_close_writes_the_last_activity(redis_server: RedisServer, key: str) -> None:
+    """A store closed with touches still queued (a graceful shutdown) writes them first."""
+    store = RedisStore(redis_server.url)
+    await store.advance(key, L, DAY, DAY_END)
+    fast = await store.advance(key, L, DAY, DAY_END)
+    await store.close()
+    reader = RedisStore(redis_server.url)
+    try:
+        state, _ = await reader.peek(key)
+        assert state.last == pytest.approx(fast.now, abs=1e-3)
+    finally:
+        await reader.close()
 
 
 async def test_claim_is_first_come_once(store: StateStore, key: str) -> None:

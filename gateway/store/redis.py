@@ -102,40 +102,69 @@ def _pack(*args: str) -> bytes:
 ADVANCE = _Script("advance")
 RELEASE = _Script("release")
 TOUCH = _Script("touch")
-
-# The fast path (RedisStore.advance): a lesson this instance saw allowed by
-# Redis less than FAST_WINDOW seconds ago is continued without waiting for
-# Redis, while it is more than FAST_MARGIN seconds from its limit and from
-# the quiet time that would end it. The activity is written behind.
-FAST_WINDOW = 2.0
-FAST_MARGIN = 1.0
-KNOWN_MAX = 200_000
-
-
-class _Ignored:
-    """Stands in the reply queue for a write nobody waits on (a touch)."""
-
-    __slots__ = ()
-
-    def done(self) -> bool:
-        return True
-
-
-_IGNORED: Any = _Ignored()
-
-
-class _Known:
-    """A lesson in progress as Redis last answered for it."""
-
-    __slots__ = ("last", "limits", "start", "start_s", "synced")
-
-    def __init__(self, start_s: str, start: float, last: float, limits: ClockLimits,
-                 synced: float) -> None:
-        self.start_s, self.start, self.last = start_s, start, last
-        self.limits, self.synced = limits, synced
 RENEW = _Script("renew")
 PEEK = _Script("peek")
 _LEASE = _bulk(repr(LEASE_SECONDS))
+
+# The fast path (RedisStore.advance): a lesson this instance saw allowed by
+# Redis goes on without waiting for Redis while it is more than FAST_MARGIN
+# seconds from its limit and from the quiet time that would end it. Nothing
+# another instance does can end such a lesson sooner (see `_continue`), so
+# the knowledge holds until then; the activity is written behind, coalesced
+# per student, every TOUCH_EVERY seconds.
+FAST_MARGIN = 1.0
+TOUCH_EVERY = 0.25
+KNOWN_MAX = 200_000
+
+
+class _Known:
+    """A lesson in progress as Redis last answered for it, and its touch
+    command without the time (packed once)."""
+
+    __slots__ = ("end", "head", "last", "limits", "quiet", "start", "start_s")
+
+    def __init__(self, start_s: str, start: float, last: float, limits: ClockLimits,
+                 head: bytes) -> None:
+        self.start_s, self.start, self.last = start_s, start, last  # start_s: as Redis holds it
+        self.limits, self.head = limits, head
+        self.end = start + limits.max_duration             # the lesson limit
+        self.quiet = limits.min_break - FAST_MARGIN        # idle this long: ask Redis
+
+
+class _Touches:
+    """Stands in the reply queue for one write of touches, which nobody
+    awaits: counts their replies, reports the write as one `touch` call, and
+    sends a touch whose script Redis forgot (NOSCRIPT) again as EVAL."""
+
+    __slots__ = ("failed", "items", "seen", "store", "t0")
+
+    def __init__(self, store: RedisStore, items: list[tuple[str, _Known]]) -> None:
+        self.store, self.items, self.seen = store, items, 0
+        self.failed: str | None = None
+        self.t0 = time.perf_counter()
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, reply: Any) -> None:
+        if isinstance(reply, hiredis.ReplyError):
+            if _noscript(reply):
+                self.store._retouch(*self.items[self.seen])
+            else:
+                self.failed = str(reply)
+        self._count()
+
+    def set_exception(self, exc: BaseException) -> None:
+        # the connection died: every lesson re-syncs with Redis anyway
+        self.failed = str(exc)
+        self._count()
+
+    def _count(self) -> None:
+        self.seen += 1
+        if self.seen == len(self.items):
+            if self.failed is not None:
+                log.warning("redis store: activity written behind was refused: %s", self.failed)
+            self.store._report("touch", self.t0, self.failed is None)
 
 
 def _noscript(reply: Any) -> bool:
@@ -258,6 +287,8 @@ class RedisStore:
         self._backlog_futs: list[asyncio.Future[Any]] = []
         self._limit_args: dict[ClockLimits, str] = {}
         self._known: dict[str, _Known] = {}
+        # fast-path activity not yet written (the touches of the next flush)
+        self._touching: dict[str, _Known] = {}
         self._offset = 0.0  # Redis TIME minus time.time(), from the last full step
         self._handlers: list[CutHandler] = []
         self._subscriber: asyncio.Task[None] | None = None
@@ -282,10 +313,11 @@ class RedisStore:
         k = f"{self._prefix}{{{key}}}:"
         packed = (_bulks((k + "clock", k + "conns", "" if now is None else repr(now))) + lim
                   + _bulks((str(day), repr(seconds_to_day_end))) + _LEASE + _bulk(hold or ""))
+        self._touch_first(key)
         try:
             r = (await self._eval("advance", ADVANCE, ((12, packed),)))[0]
         except StoreUnavailable:
-            self._known.clear()
+            self._forget()
             raise
         step = Step(_OUTCOMES[r[0]], float(r[1]), float(r[2]), _opt(r[3]), _opt(r[4]),
                     started=r[5] == 1, ended_duration=_opt(r[6]), break_taken=_opt(r[7]),
@@ -302,38 +334,78 @@ class RedisStore:
             return
         self._offset = step.now - time.time()
         if len(self._known) >= KNOWN_MAX:
-            self._known.clear()
-        self._known[key] = _Known(start_s, step.start, step.now, limits, time.monotonic())
+            self._forget()
+        k = f"{self._prefix}{{{key}}}:"
+        # touch.lua's keys and lesson start; the time is appended per touch
+        head = TOUCH.command(4, _bulks((k + "clock", k + "conns", start_s)))
+        self._known[key] = _Known(start_s, step.start, step.now, limits, head)
+
+    def _forget(self) -> None:
+        """Drop what the fast path knows: every lesson asks Redis again (the
+        activity not yet written still is, if Redis can take it)."""
+        self._known.clear()
 
     def _continue(self, key: str, limits: ClockLimits) -> Step | None:
         """The fast path: a lesson known in progress goes on without a round
         trip. It never starts a lesson or ends a break (those take the atomic
-        script), only continues one Redis allowed within FAST_WINDOW seconds,
-        far from its limit and from its quiet-time end; the activity is
-        written behind (touch.lua). A daily limit, a held connection or a
-        shadowed rule always takes the script."""
+        script), only continues one Redis allowed, while it is more than
+        FAST_MARGIN seconds from its limit and from its quiet-time end (this
+        instance's own last activity of it + min_break: activity elsewhere
+        only moves that later). Nothing else ends a lesson early: a daily
+        limit, a held connection or a shadowed rule always takes the script,
+        a policy reload brings new limits, and a cut or a new connection to
+        Redis (maybe a restarted one) forgets what was known. The activity is
+        written behind (touch.lua), at most TOUCH_EVERY seconds late."""
         known = self._known.get(key)
         if known is None or known.limits is not limits:
             return None
         conn = self._conn
-        if conn is None or conn.error is not None or \
-                time.monotonic() - known.synced > FAST_WINDOW:
+        if conn is None or conn.error is not None:
             return None
         t = time.time() + self._offset
-        end = known.start + limits.max_duration
-        if t >= end - FAST_MARGIN or t - known.last >= limits.min_break - FAST_MARGIN:
+        if t >= known.end - FAST_MARGIN or t - known.last >= known.quiet:
             return None
         if t > known.last:
             known.last = t
-        k = f"{self._prefix}{{{key}}}:"
-        command = TOUCH.command(4, _bulks((k + "clock", k + "conns", repr(t), known.start_s)),
-                                load=True)  # EVAL: no NOSCRIPT to recover from
-        if not self._batch:
+        touching = self._touching
+        if not touching:
             assert self._loop is not None
+            self._loop.call_later(TOUCH_EVERY, self._flush_touches)
+        touching[key] = known
+        return Step("allow", t, known.start, known.end - t, None)
+
+    def _touch_first(self, key: str) -> None:
+        """Queue the student's unwritten activity ahead of a script about to
+        read it (same write, so Redis runs it first)."""
+        known = self._touching.pop(key, None)
+        if known is not None:
+            self._queue_touches([(key, known)])
+
+    def _flush_touches(self) -> None:
+        items = list(self._touching.items())
+        self._touching.clear()
+        if items:
+            self._queue_touches(items)
+
+    def _queue_touches(self, items: list[tuple[str, _Known]], *, load: bool = False) -> None:
+        conn = self._conn
+        if self._closed or conn is None or conn.error is not None:
+            return  # not written: the lessons re-sync through the script
+        assert self._loop is not None
+        if load:  # EVAL, which caches the script again
+            commands = [TOUCH.command(4, _bulks((*self._keys(key), known.start_s)), load=True)
+                        + _bulk(repr(known.last)).encode() for key, known in items]
+        else:
+            commands = [known.head + _bulk(repr(known.last)).encode() for _, known in items]
+        if not self._batch:
             self._loop.call_soon(self._flush)
-        self._batch.append(command)
-        self._batch_futs.append(_IGNORED)
-        return Step("allow", t, known.start, end - t, None)
+        self._batch.extend(commands)
+        waiter = cast(asyncio.Future[Any], _Touches(self, items))
+        self._batch_futs.extend([waiter] * len(items))
+
+    def _retouch(self, key: str, known: _Known) -> None:
+        """A touch met NOSCRIPT (Redis's script cache was emptied): again, as EVAL."""
+        self._queue_touches([(key, known)], load=True)
 
     async def release(self, key: str, conn_id: str, *, now: float | None = None) -> None:
         packed = _bulks((*self._keys(key), _now_arg(now), conn_id))
@@ -354,6 +426,7 @@ class RedisStore:
 
     async def peek(self, key: str, *, now: float | None = None) -> tuple[ClockState, float]:
         packed = _bulks((*self._keys(key), _now_arg(now)))
+        self._touch_first(key)
         r = (await self._eval("peek", PEEK, ((3, packed),)))[0]
         state = ClockState(start=float(r[1] or 0), last=float(r[2] or 0), conns=int(r[5]),
                            day=int(float(r[3] or 0)), used=float(r[4] or 0))
@@ -450,6 +523,11 @@ class RedisStore:
                 log.exception("a cut handler failed")
 
     async def close(self) -> None:
+        if self._touching and not self._closed:
+            # the last activity written behind: replies come in order, so the
+            # touches are answered when the PING is
+            self._flush_touches()
+            await self.ping()
         self._closed = True
         for task in (self._subscriber, self._connecting):
             if task is not None:
@@ -574,6 +652,9 @@ class RedisStore:
         except StoreUnavailable as exc:
             self._fail_waiting(str(exc), batch=False)
         else:
+            # maybe a restarted or failed-over Redis: what it holds may differ
+            # from what the fast path knew
+            self._forget()
             self._conn = conn
             data, futs = b"".join(self._backlog), self._backlog_futs
             self._backlog, self._backlog_futs = [], []
@@ -593,7 +674,7 @@ class RedisStore:
                 fut.set_exception(StoreUnavailable(why))
 
     async def _open(self) -> _Conn:
-        """A new connection, set up (AUTH, SELECT) within op_timeout."""
+        """A new connection, set up (AUTH, SELECT, SCRIPT LOAD) within op_timeout."""
         loop = asyncio.get_running_loop()
         t = self._target
         conn: _Conn | None = None
@@ -611,12 +692,14 @@ class RedisStore:
                     setup.append(_pack(*auth))
                 if t.db:
                     setup.append(_pack("SELECT", str(t.db)))
-                if setup:
-                    futs = [loop.create_future() for _ in setup]
-                    conn.send(b"".join(setup), futs)
-                    for reply in await asyncio.gather(*futs):
-                        if isinstance(reply, hiredis.ReplyError):
-                            raise StoreUnavailable(f"redis refused the connection setup: {reply}")
+                # touches go as EVALSHA and nobody awaits them: the script is
+                # there before the first
+                setup.append(_pack("SCRIPT", "LOAD", TOUCH.body))
+                futs = [loop.create_future() for _ in setup]
+                conn.send(b"".join(setup), futs)
+                for reply in await asyncio.gather(*futs):
+                    if isinstance(reply, hiredis.ReplyError):
+                        raise StoreUnavailable(f"redis refused the connection setup: {reply}")
         except (OSError, TimeoutError) as exc:
             if conn is not None:
                 conn.fail("setup failed")
