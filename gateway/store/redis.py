@@ -394,9 +394,10 @@ class RedisStore:
         assert self._loop is not None
         if load:  # EVAL, which caches the script again
             commands = [TOUCH.command(4, _bulks((*self._keys(key), known.start_s)), load=True)
-                        + _bulk(repr(known.last)).encode() for key, known in items]
+                        + _bulk(str(int(known.last * 1e6))).encode() for key, known in items]
         else:
-            commands = [known.head + _bulk(repr(known.last)).encode() for _, known in items]
+            commands = [known.head + _bulk(str(int(known.last * 1e6))).encode()
+                        for _, known in items]
         if not self._batch:
             self._loop.call_soon(self._flush)
         self._batch.extend(commands)
