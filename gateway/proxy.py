@@ -14,7 +14,7 @@ import logging
 import math
 import posixpath
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +47,13 @@ WS_HANDSHAKE = frozenset({
     "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
     "sec-websocket-accept", "sec-websocket-protocol",
 })
+# Request headers never forwarded as they came (lower case), for plain requests
+# and for WebSocket handshakes.
+_NOT_FORWARDED = HOP_BY_HOP | FORWARDED
+_NOT_FORWARDED_WS = _NOT_FORWARDED | WS_HANDSHAKE
+# Headers aiohttp would add to a request that lacks them (besides Host).
+_NO_AUTO_HEADERS: CIMultiDict[None] = CIMultiDict(
+    (h, None) for h in ("Accept", "Accept-Encoding", "Content-Type", "User-Agent"))
 # An ended lesson's report is claimed once fleet-wide for this long.
 CLAIM_TTL = 2 * 86400.0
 OWNED_MAX = 200_000
@@ -65,6 +72,18 @@ class Lesson:
     route: Route
     decision: rules.Decision
     conn_id: str | None  # a lease taken in the same clock step (WebSockets)
+
+
+class UpstreamRequest(aiohttp.ClientRequest):
+    """aiohttp's client request, adding nothing the client did not send.
+
+    aiohttp fills in Accept, Accept-Encoding, User-Agent, and a Content-Type
+    for bodies; a transparent proxy must not. Its own way to skip them (a
+    session's skip_auto_headers) copies the headers into two more multidicts
+    on every request; this costs nothing."""
+
+    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
+        self._skip_auto_headers = _NO_AUTO_HEADERS
 
 
 @dataclass
@@ -112,7 +131,7 @@ class Proxy:
             cookie_jar=aiohttp.DummyCookieJar(),  # never carry one student's cookies to another
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_connect=5),
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            request_class=UpstreamRequest,
         )
 
     async def close(self) -> None:
@@ -516,30 +535,23 @@ def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set
 
 def upstream_headers(request: web.Request, websocket: bool = False) -> CIMultiDict[str]:
     """End-to-end request headers, plus X-Forwarded-*."""
-    drop = _connection_tokens(request.headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for k, v in request.headers.items():
-        lk = k.lower()
-        if lk in HOP_BY_HOP or lk in FORWARDED or lk in drop or \
-                (websocket and lk in WS_HANDSHAKE):
-            continue
-        out.add(k, v)
+    src = request.headers
+    drop = _NOT_FORWARDED_WS if websocket else _NOT_FORWARDED
+    if "Connection" in src:  # it may name more hop-by-hop fields
+        drop = drop | _connection_tokens(src)
+    out = CIMultiDict([(k, v) for k, v in src.items() if k.lower() not in drop])
     peer = request.remote or ""
-    prior = ", ".join(request.headers.getall("X-Forwarded-For", ()))
-    out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    prior = src.getall("X-Forwarded-For", None)
+    out["X-Forwarded-For"] = f"{', '.join(prior)}, {peer}" if prior else peer
     out["X-Forwarded-Proto"] = request.scheme
-    host = request.headers.get("Host")
+    host = src.get("Host")
     if host is not None:
         out["X-Forwarded-Host"] = host
     return out
 
 
 def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    drop = _connection_tokens(headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for k, v in headers.items():
-        lk = k.lower()
-        if lk in HOP_BY_HOP or lk in drop:
-            continue
-        out.add(k, v)
-    return out
+    drop = HOP_BY_HOP
+    if "Connection" in headers:
+        drop = drop | _connection_tokens(headers)
+    return CIMultiDict([(k, v) for k, v in headers.items() if k.lower() not in drop])

@@ -7,6 +7,7 @@ import hashlib
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -72,6 +73,16 @@ async def test_no_default_headers_added_upstream(upstream, gateways, http):
         echo = await r.json()
     h = headers_of(echo)
     assert "user-agent" not in h and "accept-encoding" not in h and "accept" not in h
+    # nor a Content-Type for a body that came without one, read whole or streamed
+    async def stream() -> AsyncIterator[bytes]:
+        yield b"x" * 10
+
+    for body in (b"raw bytes", stream()):
+        async with http.post(gw.url("/plain/"), data=body, skip_auto_headers=(
+                "User-Agent", "Accept", "Accept-Encoding", "Content-Type")) as r:
+            echo = await r.json()
+        h = headers_of(echo)
+        assert "content-type" not in h and "user-agent" not in h and "accept" not in h
 
 
 async def test_upstream_cookies_not_shared_between_students(upstream, gateways, http):
@@ -378,3 +389,4 @@ async def test_demo_countdown_through_the_gateway(http):
     finally:
         await runner.cleanup()
         await site.cleanup()
+
