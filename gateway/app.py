@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import gc
 import logging
 import os
 import signal
@@ -39,6 +40,8 @@ from .store.memory import MemoryStore
 log = logging.getLogger("tutorgate")
 
 STATUS_PATH = "/_tutorgate/status"
+# First-generation collection threshold while serving (see tune_gc).
+GC_THRESHOLD = 50_000
 
 
 class Gateway:
@@ -317,6 +320,19 @@ class Gateway:
         return await student_status(self, request)
 
 
+def tune_gc() -> None:
+    """Garbage collection for a server: most of a request's objects die by
+    reference count when it ends, but the collector's default first
+    threshold (700 allocations) runs mid-request under load, promotes what
+    is in flight and traverses it again in older generations. Measured with
+    bench/instructions.py that was about 6% of the gateway's instructions.
+    A higher threshold lets requests finish first; freezing what startup
+    built (modules, policy, metrics) keeps full collections off it."""
+    gc.freeze()
+    _, g1, g2 = gc.get_threshold()
+    gc.set_threshold(GC_THRESHOLD, g1, g2)
+
+
 async def serve(settings: Settings, policy: Policy) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP reloads the policy."""
     gw = Gateway(settings, policy)
@@ -337,6 +353,7 @@ async def serve(settings: Settings, policy: Policy) -> int:
     log.info("serving on http://%s:%d -> %s (admin http://%s:%d, policy %s sha=%s)",
              *settings.listen, settings.upstream, *settings.admin_listen,
              settings.policy_path, policy.sha)
+    tune_gc()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
