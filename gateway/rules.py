@@ -320,6 +320,8 @@ def _precheck_fast(policy: Policy, route: Route, student: Student,
 
 def finish(pending: Pending, step: Step) -> Decision:
     """Turn the clock's step into the decision."""
+    if step.outcome == "allow" and not (pending.trace or pending.shadowed or step.shadowed):
+        return _allowed(pending, step, (), ())  # the hot path: nothing to record
     trace = pending.trace
     checked = list(pending.checked)
     shadowed = list(pending.shadowed)
@@ -349,13 +351,20 @@ def finish(pending: Pending, step: Step) -> Decision:
                              "a new lesson starts" if step.started else "the lesson goes on"))
     if brk:
         shadowed.append(BREAK_REQUIRED)
+    return _allowed(pending, step, tuple(shadowed), tuple(checked))
+
+
+def _allowed(pending: Pending, step: Step, shadowed: tuple[str, ...],
+             checked: tuple[Check, ...]) -> Decision:
+    """An allowed step: the time left, and the rule that will end the lesson."""
+    lim = pending.limits
     remaining = step.remaining if step.remaining is not None else float(lim.max_duration)
     end_rule = LESSON_LIMIT
     if remaining < step.start + lim.max_duration - step.now - 1e-6:
         end_rule = DAILY_LIMIT
     if pending.until_curfew < remaining:
         remaining, end_rule = pending.until_curfew, CURFEW
-    return Decision(True, None, None, remaining, tuple(shadowed), tuple(checked), step, region,
+    return Decision(True, None, None, remaining, shadowed, checked, step, pending.profile.region,
                     end_rule)
 
 
