@@ -731,6 +731,43 @@ async def test_touch_leaves_a_newer_lesson_alone(redis_server: RedisServer, key:
         await b.close()
 
 
+async def test_a_lesson_redis_lost_is_forgotten(redis_server: RedisServer, key: str,
+                                                client: aioredis.Redis) -> None:
+    """A touch that finds another lesson or none (evicted, flushed, replaced)
+    sends the student back to the script, which starts a lesson Redis holds."""
+    store = RedisStore(redis_server.url)
+    try:
+        first = await store.advance(key, L, DAY, DAY_END)
+        await client.delete(f"tutorgate:{{{key}}}:clock")
+        await store.advance(key, L, DAY, DAY_END)            # fast: Redis not asked
+        await asyncio.sleep(TOUCH_EVERY + 0.1)                # the touch answers 0
+        assert key not in store._known
+        again = await store.advance(key, L, DAY, DAY_END)
+        assert again.started and again.start > first.start
+    finally:
+        await store.close()
+
+
+async def test_known_lessons_are_bounded(redis_server: RedisServer, key: str,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """At KNOWN_MAX the lessons that are over are dropped; the ones going on stay."""
+    import gateway.store.redis as redis_store
+
+    monkeypatch.setattr(redis_store, "KNOWN_MAX", 3)
+    brief = ClockLimits(max_duration=0.3, min_break=30.0)
+    store = RedisStore(redis_server.url)
+    try:
+        await store.advance(key + "-long", L, DAY, DAY_END)
+        for i in range(2):
+            await store.advance(f"{key}-{i}", brief, DAY, DAY_END)
+        assert len(store._known) == 3
+        await asyncio.sleep(0.4)                               # the brief ones are over
+        await store.advance(key + "-new", L, DAY, DAY_END)
+        assert set(store._known) == {key + "-long", key + "-new"}
+    finally:
+        await store.close()
+
+
 async def test_touch_survives_a_flushed_script_cache(redis_server: RedisServer, key: str,
                                                      client: aioredis.Redis) -> None:
     """SCRIPT FLUSH (or a failover) between two touches: the touch that meets

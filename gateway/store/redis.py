@@ -133,8 +133,9 @@ class _Known:
 
 class _Touches:
     """Stands in the reply queue for one write of touches, which nobody
-    awaits: counts their replies, reports the write as one `touch` call, and
-    sends a touch whose script Redis forgot (NOSCRIPT) again as EVAL."""
+    awaits: counts their replies, reports the write as one `touch` call,
+    sends a touch whose script Redis forgot (NOSCRIPT) again as EVAL, and
+    forgets a lesson Redis no longer holds (evicted, flushed, replaced)."""
 
     __slots__ = ("failed", "items", "seen", "store", "t0")
 
@@ -147,24 +148,30 @@ class _Touches:
         return False
 
     def set_result(self, reply: Any) -> None:
-        if isinstance(reply, hiredis.ReplyError):
-            if _noscript(reply):
-                self.store._retouch(*self.items[self.seen])
+        if reply != 1:  # 1: touched
+            key, known = self.items[self.seen]
+            if reply == 0:  # not the lesson we knew: ask Redis next time
+                if self.store._known.get(key) is known:
+                    del self.store._known[key]
+            elif _noscript(reply):
+                self.store._retouch(key, known)
             else:
                 self.failed = str(reply)
-        self._count()
+        self.seen += 1
+        if self.seen == len(self.items):
+            self._end()
 
     def set_exception(self, exc: BaseException) -> None:
         # the connection died: every lesson re-syncs with Redis anyway
         self.failed = str(exc)
-        self._count()
-
-    def _count(self) -> None:
         self.seen += 1
         if self.seen == len(self.items):
-            if self.failed is not None:
-                log.warning("redis store: activity written behind was refused: %s", self.failed)
-            self.store._report("touch", self.t0, self.failed is None)
+            self._end()
+
+    def _end(self) -> None:
+        if self.failed is not None:
+            log.warning("redis store: activity written behind was refused: %s", self.failed)
+        self.store._report("touch", self.t0, self.failed is None)
 
 
 def _noscript(reply: Any) -> bool:
@@ -334,7 +341,11 @@ class RedisStore:
             return
         self._offset = step.now - time.time()
         if len(self._known) >= KNOWN_MAX:
-            self._forget()
+            # keep the lessons still going; if that is all of them, start over
+            t = step.now
+            self._known = {k: v for k, v in self._known.items() if v.end > t}
+            if len(self._known) >= KNOWN_MAX:
+                self._forget()
         k = f"{self._prefix}{{{key}}}:"
         # touch.lua's keys and lesson start; the time is appended per touch
         head = TOUCH.command(4, _bulks((k + "clock", k + "conns", start_s)))
