@@ -206,8 +206,13 @@ class Gateway:
                 rule = "curfew" if pre.rule == rules.CURFEW else "policy"
                 await self.store.publish_cut(Cut(key, rule, self.settings.instance_name))
                 continue
-            step_end = state.start + pre.limits.max_duration
-            deadline, rule = step_end, "lesson_limit"
+            lim = pre.limits
+            deadline, rule = state.start + lim.max_duration, "lesson_limit"
+            if lim.daily_max is not None and lim.enforce_daily:
+                # as clock._remaining: today's finished lessons, then this one
+                used = state.used if state.day == pre.day else 0.0
+                if state.start + lim.daily_max - used < deadline:
+                    deadline, rule = state.start + lim.daily_max - used, "daily_limit"
             if now + pre.until_curfew < deadline:
                 deadline, rule = now + pre.until_curfew, "curfew"
             for c in list(conns):

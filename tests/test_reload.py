@@ -83,6 +83,22 @@ async def test_reload_moves_open_connection_deadlines(tmp_path: Path, upstream, 
     assert time.monotonic() - t < 4.5
 
 
+@pytest.mark.skipif(near_local_midnight(), reason="the day would change mid-test")
+async def test_reload_adding_a_daily_limit_cuts_at_it(tmp_path: Path, upstream, gateways,
+                                                       http):
+    """A reload that sets daily_max moves an open lesson WebSocket's cut-off
+    to the daily limit when that comes before the lesson limit."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(policy_text(max_duration="1h"))
+    gw = await gateways(path.read_text(), upstream.url, policy_path=str(path))
+    async with http.ws_connect(gw.ws_url(LIVE), headers={"X-Student-Id": sid()}) as ws:
+        t = time.monotonic()
+        path.write_text(policy_text(max_duration="1h", extra="daily_max: 3s"))
+        msg = await ws.receive(timeout=8)
+    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.extra == "daily_limit"
+    assert time.monotonic() - t < 4.5
+
+
 async def test_invalid_reload_keeps_old_policy(tmp_path: Path, upstream, gateways, http):
     """An invalid policy is refused: the old one stays live and the failure is counted."""
     path = tmp_path / "policy.yaml"
