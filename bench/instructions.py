@@ -13,10 +13,8 @@ switched on, zeroed, loaded with a fixed number of requests, and dumped:
     .venv/bin/python bench/instructions.py                  # ~4 min
     .venv/bin/python bench/instructions.py --lines bare,gw_lesson --requests 500
 
-Students are taken round-robin; with `--students 20` (the default) each one
-comes back every ~0.4 s at callgrind's ~50 req/s, as each of run.py's 1000
-students does at wrk's ~2.5k req/s. Needs `valgrind` (`apt-get install -y
-valgrind`) and `redis-server`.
+The load mirrors run.py's: 1000 students (round-robin here), 50 requests in
+flight. Needs `valgrind` (`apt-get install -y valgrind`) and `redis-server`.
 """
 
 from __future__ import annotations
@@ -177,10 +175,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lines", default=",".join(LINE_KEYS),
                         help=f"a subset of {','.join(LINE_KEYS)}")
-    parser.add_argument("--requests", type=int, default=1000, help="counted requests per line")
-    parser.add_argument("--warmup", type=int, default=300, help="uncounted requests first")
-    parser.add_argument("--students", type=int, default=20, help="distinct student ids")
-    parser.add_argument("--concurrency", type=int, default=10, help="requests in flight")
+    parser.add_argument("--requests", type=int, default=2000, help="counted requests per line")
+    parser.add_argument("--warmup", type=int, default=1500,
+                        help="uncounted requests first (more than --students)")
+    parser.add_argument("--students", type=int, default=1000, help="distinct student ids")
+    parser.add_argument("--concurrency", type=int, default=50, help="requests in flight")
     args = parser.parse_args()
     return harness.guarded("instructions", lambda: run(args))
 
