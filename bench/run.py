@@ -3,7 +3,7 @@
 Starts every server itself on 127.0.0.1 (free ports), loads each line in turn with
 the same wrk settings, prints a table and writes bench/results/latest.json.
 
-    .venv/bin/python bench/run.py [--duration 10] [--connections 50] [--quick] [--rounds 1]
+    .venv/bin/python bench/run.py [--duration 4] [--connections 50] [--quick] [--rounds 10]
 
 Figures, not a test: nothing here fails on a slow machine. Ratios are only
 meaningful between lines of one run (wrk shares the machine with the servers).
@@ -475,13 +475,14 @@ def write_json(record: dict[str, object]) -> Path:
 
 def parse_args(argv: Sequence[str] | None) -> tuple[Settings, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=int, default=10, help="seconds per line (10)")
+    parser.add_argument("--duration", type=int, default=4, help="seconds per line (4)")
     parser.add_argument("--connections", type=int, default=50, help="wrk connections (50)")
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (1)")
-    parser.add_argument("--warmup", type=int, default=2, help="unmeasured seconds first (2)")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured seconds first (1)")
     parser.add_argument("--students", type=int, default=1000, help="distinct student ids")
-    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds; medians (1)")
-    parser.add_argument("--quick", action="store_true", help="3 s per line, 1 s warm-up")
+    # many short rounds: the host's drift is the largest error (bench/README.md)
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds; medians (10)")
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 3 s per line")
     parser.add_argument(
         "--lines", default=",".join(LINE_KEYS), help=f"comma list, of {','.join(LINE_KEYS)}"
     )
@@ -491,15 +492,14 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, list[str]]:
     if unknown:
         parser.error(f"unknown lines: {', '.join(unknown)}")
     duration, warmup = (3, 1) if args.quick else (args.duration, args.warmup)
-    if not 1 <= duration <= 600 or not 0 <= warmup <= 60 or not 1 <= args.rounds <= 50:
+    rounds = 3 if args.quick else args.rounds
+    if not 1 <= duration <= 600 or not 0 <= warmup <= 60 or not 1 <= rounds <= 50:
         parser.error("--duration must be 1..600, --warmup 0..60, --rounds 1..50")
     if not 1 <= args.connections <= 10_000 or not 1 <= args.students <= 100_000:
         parser.error("--connections must be 1..10000 and --students 1..100000")
     if not 1 <= args.threads <= 64:
         parser.error("--threads must be 1..64")
-    settings = Settings(
-        duration, warmup, args.connections, args.threads, args.students, args.rounds
-    )
+    settings = Settings(duration, warmup, args.connections, args.threads, args.students, rounds)
     return settings, wanted
 
 
