@@ -688,7 +688,7 @@ async def test_fast_path_never_starts_a_lesson_or_ends_a_break(redis_server: Red
         other = key + "-b"
         await store.advance(other, L, DAY, DAY_END)
         await store.advance(other, L, DAY, DAY_END, hold="c1")  # a lease: the script
-        await store.advance(other, LD, DAY, DAY_END)            # daily limit: the script
+        await store.advance(other, LD, DAY, DAY_END)            # other limits: the script
         assert calls == ["advance"] * 3
         calls.clear()
         await store.advance(other, L, DAY, DAY_END)             # learnt again: fast
@@ -710,6 +710,34 @@ async def test_fast_path_never_starts_a_lesson_or_ends_a_break(redis_server: Red
         await store.close()
 
 
+async def test_fast_path_stops_before_the_daily_limit(redis_server: RedisServer,
+                                                      key: str) -> None:
+    """With daily_max the lesson is known until today's lesson time runs out
+    (FAST_MARGIN before it), and answers with that remaining time; a
+    shadowed daily limit takes the script every time (it counts the
+    shadowed denials)."""
+    daily = ClockLimits(max_duration=MAX, min_break=BRK, daily_max=1.6)
+    store = RedisStore(redis_server.url)
+    calls: list[str] = []
+    store._on_call = lambda op, s, ok: calls.append(op)
+    try:
+        first = await store.advance(key, daily, DAY, DAY_END)
+        fast = await store.advance(key, daily, DAY, DAY_END)
+        assert calls == ["advance"]
+        assert fast.remaining == pytest.approx(1.6 - (fast.now - first.start), abs=0.01)
+        await asyncio.sleep(0.7)                                # < FAST_MARGIN to the day's end
+        await store.advance(key, daily, DAY, DAY_END)
+        assert [c for c in calls if c != "touch"] == ["advance", "advance"]
+        calls.clear()
+        shadow = ClockLimits(max_duration=MAX, min_break=BRK, daily_max=3000.0,
+                             enforce_daily=False)
+        for _ in range(3):
+            await store.advance(key + "-s", shadow, DAY, DAY_END)
+        assert calls == ["advance"] * 3
+    finally:
+        await store.close()
+
+
 async def test_touch_leaves_a_newer_lesson_alone(redis_server: RedisServer, key: str) -> None:
     """A written-behind touch for a lesson that ended meanwhile (another
     instance started a new one) does not move the new lesson's activity."""
@@ -722,7 +750,7 @@ async def test_touch_leaves_a_newer_lesson_alone(redis_server: RedisServer, key:
         # a touch carrying the old lesson's start
         k = f"tutorgate:{{{key}}}:"
         head = TOUCH.command(4, _bulks((k + "clock", k + "conns", repr(t0))))
-        a._queue_touches([(key, _Known(repr(t0), t0, t0 + MAX + BRK + 5, L, head))])
+        a._queue_touches([(key, _Known(repr(t0), t0, t0 + MAX + BRK + 5, L, head, t0 + MAX))])
         await _flushed(a)
         after, _ = await b.peek(key, now=t0 + MAX + BRK + 1)
         assert after.last == state.last and after.start == state.start

@@ -124,10 +124,10 @@ class _Known:
     __slots__ = ("end", "head", "last", "limits", "quiet", "start", "start_s")
 
     def __init__(self, start_s: str, start: float, last: float, limits: ClockLimits,
-                 head: bytes) -> None:
+                 head: bytes, end: float) -> None:
         self.start_s, self.start, self.last = start_s, start, last  # start_s: as Redis holds it
         self.limits, self.head = limits, head
-        self.end = start + limits.max_duration             # the lesson limit
+        self.end = end                                     # the lesson or the day's limit
         self.quiet = limits.min_break - FAST_MARGIN        # idle this long: ask Redis
 
 
@@ -335,8 +335,13 @@ class RedisStore:
         return step
 
     def _learn(self, key: str, limits: ClockLimits, step: Step, start_s: str) -> None:
-        """Remember a lesson Redis just allowed, for the fast path."""
-        if step.outcome != "allow" or step.shadowed or limits.daily_max is not None:
+        """Remember a lesson Redis just allowed, for the fast path, until the
+        lesson limit or, with a daily limit, the moment today's lesson time
+        runs out, whichever comes first (Redis's `remaining`). A shadowed
+        daily limit takes the script every time: only it counts the shadowed
+        denials."""
+        if step.outcome != "allow" or step.shadowed or step.remaining is None or \
+                (limits.daily_max is not None and not limits.enforce_daily):
             self._known.pop(key, None)
             return
         self._offset = step.now - time.time()
@@ -349,7 +354,8 @@ class RedisStore:
         k = f"{self._prefix}{{{key}}}:"
         # touch.lua's keys and lesson start; the time is appended per touch
         head = TOUCH.command(4, _bulks((k + "clock", k + "conns", start_s)))
-        self._known[key] = _Known(start_s, step.start, step.now, limits, head)
+        end = min(step.start + limits.max_duration, step.now + step.remaining)
+        self._known[key] = _Known(start_s, step.start, step.now, limits, head, end)
 
     def _forget(self) -> None:
         """Drop what the fast path knows: every lesson asks Redis again (the
@@ -362,10 +368,11 @@ class RedisStore:
         script), only continues one Redis allowed, while it is more than
         FAST_MARGIN seconds from its limit and from its quiet-time end (this
         instance's own last activity of it + min_break: activity elsewhere
-        only moves that later). Nothing else ends a lesson early: a daily
-        limit, a held connection or a shadowed rule always takes the script,
-        a policy reload brings new limits, and a cut or a new connection to
-        Redis (maybe a restarted one) forgets what was known. The activity is
+        only moves that later), and from the day's limit if there is one (a
+        new local day only gives more). Nothing else ends a lesson early: a
+        held connection or a shadowed rule always takes the script, a policy
+        reload brings new limits, and a cut or a new connection to Redis
+        (maybe a restarted one) forgets what was known. The activity is
         written behind (touch.lua), at most TOUCH_EVERY seconds late."""
         known = self._known.get(key)
         if known is None or known.limits is not limits:
