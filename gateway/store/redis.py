@@ -489,7 +489,7 @@ class RedisStore:
         while True:
             conn: _Conn | None = None
             try:
-                conn = await self._open()
+                conn = await self._open(subscriber=True)
                 inbox: asyncio.Queue[Any] = asyncio.Queue()
                 conn.push = inbox.put_nowait
                 conn.send(_pack("SUBSCRIBE", self._channel))
@@ -692,8 +692,9 @@ class RedisStore:
             if not fut.done():
                 fut.set_exception(StoreUnavailable(why))
 
-    async def _open(self) -> _Conn:
-        """A new connection, set up (AUTH, SELECT, SCRIPT LOAD) within op_timeout."""
+    async def _open(self, *, subscriber: bool = False) -> _Conn:
+        """A new connection, set up (AUTH, SELECT, and SCRIPT LOAD unless it
+        is for the subscriber) within op_timeout."""
         loop = asyncio.get_running_loop()
         t = self._target
         conn: _Conn | None = None
@@ -711,14 +712,17 @@ class RedisStore:
                     setup.append(_pack(*auth))
                 if t.db:
                     setup.append(_pack("SELECT", str(t.db)))
-                # touches go as EVALSHA and nobody awaits them: the script is
-                # there before the first
-                setup.append(_pack("SCRIPT", "LOAD", TOUCH.body))
-                futs = [loop.create_future() for _ in setup]
-                conn.send(b"".join(setup), futs)
-                for reply in await asyncio.gather(*futs):
-                    if isinstance(reply, hiredis.ReplyError):
-                        raise StoreUnavailable(f"redis refused the connection setup: {reply}")
+                if not subscriber:
+                    # touches go as EVALSHA and nobody awaits them: the script
+                    # is there before the first
+                    setup.append(_pack("SCRIPT", "LOAD", TOUCH.body))
+                if setup:
+                    futs = [loop.create_future() for _ in setup]
+                    conn.send(b"".join(setup), futs)
+                    for reply in await asyncio.gather(*futs):
+                        if isinstance(reply, hiredis.ReplyError):
+                            raise StoreUnavailable(
+                                f"redis refused the connection setup: {reply}")
         except (OSError, TimeoutError) as exc:
             if conn is not None:
                 conn.fail("setup failed")
