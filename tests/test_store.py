@@ -27,10 +27,8 @@ from gateway.store.memory import MemoryStore
 from gateway.store.redis import (
     ADVANCE,
     FAST_MARGIN,
-    TOUCH,
     TOUCH_EVERY,
     RedisStore,
-    _bulks,
     _Known,
 )
 
@@ -748,8 +746,7 @@ async def test_touch_leaves_a_newer_lesson_alone(redis_server: RedisServer, key:
         await b.advance(key, L, DAY, DAY_END, now=t0 + MAX + BRK + 1)   # a new lesson
         state, _ = await b.peek(key, now=t0 + MAX + BRK + 1)
         # a touch carrying the old lesson's start
-        k = f"tutorgate:{{{key}}}:"
-        head = TOUCH.command(4, _bulks((k + "clock", k + "conns", repr(t0))))
+        head = a._touch_head(key, repr(t0))
         a._queue_touches([(key, _Known(repr(t0), t0, t0 + MAX + BRK + 5, L, head, t0 + MAX))])
         await _flushed(a)
         after, _ = await b.peek(key, now=t0 + MAX + BRK + 1)

@@ -351,11 +351,14 @@ class RedisStore:
             self._known = {k: v for k, v in self._known.items() if v.end > t}
             if len(self._known) >= KNOWN_MAX:
                 self._forget()
-        k = f"{self._prefix}{{{key}}}:"
-        # touch.lua's keys and lesson start; the time is appended per touch
-        head = TOUCH.command(4, _bulks((k + "clock", k + "conns", start_s)))
         end = min(step.start + limits.max_duration, step.now + step.remaining)
-        self._known[key] = _Known(start_s, step.start, step.now, limits, head, end)
+        self._known[key] = _Known(start_s, step.start, step.now, limits,
+                                  self._touch_head(key, start_s), end)
+
+    def _touch_head(self, key: str, start_s: str, *, load: bool = False) -> bytes:
+        """touch.lua's command for this lesson up to its last argument, the
+        time, which is appended per touch."""
+        return TOUCH.command(4, _bulks((*self._keys(key), start_s)), load=load)
 
     def _forget(self) -> None:
         """Drop what the fast path knows: every lesson asks Redis again (the
@@ -410,12 +413,9 @@ class RedisStore:
         if self._closed or conn is None or conn.error is not None:
             return  # not written: the lessons re-sync through the script
         assert self._loop is not None
-        if load:  # EVAL, which caches the script again
-            commands = [TOUCH.command(4, _bulks((*self._keys(key), known.start_s)), load=True)
-                        + _bulk(str(int(known.last * 1e6))).encode() for key, known in items]
-        else:
-            commands = [known.head + _bulk(str(int(known.last * 1e6))).encode()
-                        for _, known in items]
+        # with load, EVAL: it caches the script again
+        commands = [(self._touch_head(key, known.start_s, load=True) if load else known.head)
+                    + _bulk(str(int(known.last * 1e6))).encode() for key, known in items]
         if not self._batch:
             self._loop.call_soon(self._flush)
         self._batch.extend(commands)
