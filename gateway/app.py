@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from . import rules
 from .activity import ActivityView
 from .audit import AuditWriter
+from .clock import lesson_remaining
 from .errors import PolicyError, StoreUnavailable
 from .fleet import POLICY_KEY, follow
 from .identity import Pseudonymizer, make_identify
@@ -206,13 +207,10 @@ class Gateway:
                 rule = "curfew" if pre.rule == rules.CURFEW else "policy"
                 await self.store.publish_cut(Cut(key, rule, self.settings.instance_name))
                 continue
-            lim = pre.limits
-            deadline, rule = state.start + lim.max_duration, "lesson_limit"
-            if lim.daily_max is not None and lim.enforce_daily:
-                # as clock._remaining: today's finished lessons, then this one
-                used = state.used if state.day == pre.day else 0.0
-                if state.start + lim.daily_max - used < deadline:
-                    deadline, rule = state.start + lim.daily_max - used, "daily_limit"
+            deadline = now + lesson_remaining(state, now, pre.limits, pre.day)
+            rule = "lesson_limit"
+            if deadline < state.start + pre.limits.max_duration - 1e-6:
+                rule = "daily_limit"  # the day's limit comes first
             if now + pre.until_curfew < deadline:
                 deadline, rule = now + pre.until_curfew, "curfew"
             for c in list(conns):

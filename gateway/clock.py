@@ -124,6 +124,12 @@ def advance(state: ClockState, now: float, limits: ClockLimits, day: int,
                 ended_start=state.start if ended is not None else None), new
 
 
+def lesson_remaining(state: ClockState, now: float, limits: ClockLimits, day: int) -> float:
+    """Seconds the recorded lesson may still run at `now` (local day `day`):
+    to its limit, or to the day's limit if that comes first."""
+    return _remaining(state, now, limits, state.used if state.day == day else 0.0)
+
+
 def _remaining(state: ClockState, now: float, limits: ClockLimits, used: float) -> float:
     rem = state.start + limits.max_duration - now
     if limits.daily_max is not None and limits.enforce_daily:
