@@ -167,6 +167,19 @@ def start_upstream(kids: Children) -> tuple[Child, str]:
     return child, url
 
 
+def start_redis(kids: Children, name: str = "redis") -> tuple[Child, str]:
+    """A redis-server of its own on a free port, answering; its child and URL
+    (stopped again if it does not answer)."""
+    port = free_port()
+    child = kids.start(name, redis_argv(port))
+    try:
+        wait_tcp(port, child)
+    except BenchError:
+        kids.stop(child)
+        raise
+    return child, f"redis://{HOST}:{port}/0"
+
+
 def guarded(what: str, run: Callable[[], int]) -> int:
     """A benchmark's main: children die with us, a BenchError is one line."""
     exit_on_sigterm()

@@ -123,9 +123,7 @@ def start_fronts(kids: Children, wanted: list[str], upstream: str) -> list[Front
             continue
         redis_url = None
         if redis:
-            redis_port = harness.free_port()
-            harness.wait_tcp(redis_port, kids.start("redis", harness.redis_argv(redis_port)))
-            redis_url = f"redis://{HOST}:{redis_port}/0"
+            _redis, redis_url = harness.start_redis(kids)
         port, admin = harness.free_port(), harness.free_port()
         argv = harness.gateway_argv(policy, upstream, port, admin, redis_url)
         child = kids.start(name, valgrind_argv(name, argv), env=harness.gateway_env())

@@ -338,11 +338,8 @@ class Servers:
                 self.targets.append(Target(key, url, gateway, redis, problems))
 
     def _gateway_redis(self) -> None:
-        redis_port = harness.free_port()
-        redis = self.kids.start("redis", harness.redis_argv(redis_port))
+        redis, redis_url = harness.start_redis(self.kids)
         try:
-            harness.wait_tcp(redis_port, redis)
-            redis_url = f"redis://{HOST}:{redis_port}/0"
             gateway, base, _admin = self._gateway("gateway-redis", redis_url)
         except BenchError:
             self.kids.stop(redis)

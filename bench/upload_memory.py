@@ -135,10 +135,7 @@ def start_target(kids: Children, args: argparse.Namespace, upstream_url: str) ->
     harness.write_policy(policy)
     redis_url = None
     if args.redis:
-        redis_port = harness.free_port()
-        redis = kids.start("redis", harness.redis_argv(redis_port))
-        harness.wait_tcp(redis_port, redis)
-        redis_url = f"redis://{HOST}:{redis_port}/0"
+        _redis, redis_url = harness.start_redis(kids)
     admin_port = harness.free_port()
     gateway = kids.start(
         "gateway-upload",

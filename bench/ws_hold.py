@@ -37,9 +37,9 @@ from harness import (
     free_port,
     gateway_argv,
     gateway_env,
-    redis_argv,
     rss_bytes,
     script_argv,
+    start_redis,
     wait_http,
     wait_tcp,
     write_policy,
@@ -157,10 +157,7 @@ async def main_async(a: argparse.Namespace) -> int:
         wait_tcp(up_port, upstream)
         redis_url = None
         if a.redis:
-            rport = free_port()
-            rs = kids.start("ws-redis", redis_argv(rport))
-            wait_tcp(rport, rs)
-            redis_url = f"redis://{HOST}:{rport}/0"
+            _redis, redis_url = start_redis(kids, "ws-redis")
         policy = Path(tmp) / "policy.yaml"
         write_policy(policy)
         text = policy.read_text()
