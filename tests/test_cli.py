@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -531,3 +532,39 @@ def test_installed_command_calendar_gap() -> None:
     assert p.returncode == 3
     assert "no data for 2027" in p.stderr
     assert isinstance(json.loads(p.stdout), list)
+
+
+# ---------------------------------------------------------------- help texts
+
+def _walk(parser: Any, name: str = "tutorgate") -> Any:
+    import argparse
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from _walk(sub, f"{name} {sub_name}")
+
+
+def test_every_command_and_option_has_help() -> None:
+    """Every subcommand has a description and every option and argument a help text."""
+    import argparse
+    missing = []
+    for name, parser in _walk(cli.build_parser()):
+        if name != "tutorgate" and not (parser.description or "").strip():
+            missing.append(f"{name}: no description")
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            if not (action.help or "").strip():
+                missing.append(f"{name}: {action.option_strings or action.dest}")
+    assert missing == []
+
+
+def test_serve_help_lists_every_environment_setting() -> None:
+    """`serve --help` names every TUTORGATE_ variable the gateway's code reads."""
+    code = "\n".join(p.read_text() for p in Path(cli.__file__).parent.rglob("*.py"))
+    used = set(re.findall(r"\"(TUTORGATE_[A-Z_]+)\"", code))
+    help_text = cli.build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
+    assert {"TUTORGATE_ID_SECRET", "TUTORGATE_MAX_BODY", "TUTORGATE_LOG_FORMAT",
+            "TUTORGATE_HEADER_TIMEOUT"} <= set(re.findall(r"TUTORGATE_[A-Z_]+", help_text))
+    assert sorted(v for v in used if v not in help_text) == []
