@@ -356,7 +356,18 @@ def test_explain_text(capsys: pytest.CaptureFixture[str]) -> None:
                      "--at", "2026-03-03T23:30")
     assert rc == 0
     assert "DENY (curfew)" in out.splitlines()[0]
-    assert "retry after 23400 s" in out
+    assert "retry after 6 h 30 m (23400 s)" in out
+    assert out.splitlines()[-1] == "  legend: [x] the rule applies, [-] it does not"
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (0, "0 s"), (59, "59 s"), (60, "1 m"), (725, "12 m 5 s"), (3600, "1 h"),
+    (12000, "3 h 20 m"), (86400, "1 d"), (363600, "4 d 5 h"),
+])
+def test_explain_durations_read_as_days_hours_minutes(seconds: int, text: str) -> None:
+    """explain's text form gives durations in d/h/m/s, largest two units."""
+    from gateway.explain import human_duration
+    assert human_duration(seconds) == text
 
 
 @pytest.mark.parametrize("argv", [
