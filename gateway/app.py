@@ -284,7 +284,7 @@ class Gateway:
             await self.store.close()
 
     def main_app(self) -> web.Application:
-        # auto_decompress=False: gzip bodies pass through as they are (NOTES.md)
+        # auto_decompress=False: gzip bodies pass through as they are (docs/design.md)
         app = web.Application(handler_args={"auto_decompress": False},
                               client_max_size=1024 ** 4)
         app.cleanup_ctx.append(self._lifetime)

@@ -50,7 +50,7 @@ def days(first: D, last: D) -> list[D]:
     return [first + dt.timedelta(n) for n in range((last - first).days + 1)]
 
 
-# The 2026 State Council notice as written in NOTES.md (independent of the package).
+# The 2026 State Council notice as published (independent of the package).
 HOLIDAYS_2026 = {
     "New Year": (D(2026, 1, 1), D(2026, 1, 3)),
     "Spring Festival": (D(2026, 2, 15), D(2026, 2, 23)),
@@ -413,7 +413,7 @@ def test_explain_requires_at() -> None:
 
 def expected_2026_cli_policy() -> list[tuple[str, str]]:
     """(date, reason) of every 2026 day closed to subject classes under
-    tests/fixtures/good/cli.yaml, worked out from NOTES.md and the file."""
+    tests/fixtures/good/cli.yaml, worked out from the 2026 notice and the file."""
     summer = set(days(D(2026, 7, 11), D(2026, 8, 31)))
     out = []
     for d in days(D(2026, 1, 1), D(2026, 12, 31)):
