@@ -532,7 +532,8 @@ def test_installed_command_check() -> None:
     no = subprocess.run([str(TUTORGATE), "check", str(bad)], capture_output=True, text=True,
                         timeout=60, check=False)
     assert no.returncode == 2
-    assert (no.stdout + no.stderr).splitlines() == [f"{bad}: timezon: unknown key (line 2)"]
+    assert (no.stdout + no.stderr).splitlines() == [
+        f"{bad}: timezon: unknown key; did you mean timezone? (line 2)"]
 
 
 def test_installed_command_calendar_gap() -> None:
