@@ -22,7 +22,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import rules
+from . import logs, rules
 from .activity import ActivityView
 from .audit import AuditWriter
 from .clock import lesson_remaining
@@ -284,10 +284,11 @@ class Gateway:
             await self.store.close()
 
     def main_app(self) -> web.Application:
-        # auto_decompress=False: gzip bodies pass through as they are (NOTES.md)
+        # auto_decompress=False: gzip bodies pass through as they are (docs/design.md)
         app = web.Application(handler_args={"auto_decompress": False},
                               client_max_size=1024 ** 4)
         app.cleanup_ctx.append(self._lifetime)
+        app.on_response_prepare.append(_stamp_request_id)
         app.router.add_route("GET", STATUS_PATH, self.status)
         app.router.add_route("*", "/{tail:.*}", self.proxy.handle)
         return app
@@ -323,6 +324,14 @@ class Gateway:
         return await student_status(self, request)
 
 
+async def _stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer carries the request id it was forwarded and logged with."""
+    ctx = logs.current.get()
+    if ctx is None:  # not through the proxy (the status endpoint)
+        ctx = logs.begin_request(request.headers.get(logs.REQUEST_ID))
+    response.headers[logs.REQUEST_ID] = ctx.request_id
+
+
 def tune_gc() -> None:
     """Garbage collection for a server: most of a request's objects die by
     reference count when it ends, but the collector's default first
@@ -344,8 +353,10 @@ async def serve(settings: Settings, policy: Policy) -> int:
                  "no audit trail: it needs --redis)")
     else:
         log.info("state store: redis (shared by every instance on it)")
-    main_runner = web.AppRunner(gw.main_app(), access_log=None, shutdown_timeout=settings.grace,
-                                handle_signals=False)
+    main_runner = web.AppRunner(
+        gw.main_app(), shutdown_timeout=settings.grace, handle_signals=False,
+        access_log=logging.getLogger(logs.ACCESS_LOGGER) if settings.access_log else None,
+        access_log_class=logs.AccessLog)
     admin_runner = web.AppRunner(gw.admin_app(), access_log=None, handle_signals=False)
     await main_runner.setup()
     await admin_runner.setup()

@@ -35,6 +35,13 @@ FIELDS = ("time", "event", "student", "rule", "category", "region", "policy_vers
           "instance", "duration", "break_seconds", "break_honoured")
 FLUSH_SECONDS = 0.25
 MAX_BUFFER = 100_000  # beyond this (Redis down for long) the oldest events are dropped
+# What export and report call the student of an event that has none (a
+# forbidden feature is denied before anyone is identified).
+ANONYMOUS = "anonymous"
+# A lesson_end matches a lesson_start when the start plus the length is no
+# later than the end's record time plus this (the instance's clock and
+# Redis's may differ a little).
+CLOCK_SLACK = 1.0
 
 
 class AuditWriter:
@@ -138,6 +145,9 @@ def read_events(r: redis.Redis, since: str | None = None,
         for eid, fields in page:
             ev: dict[str, Any] = {k.decode(): v.decode() for k, v in fields.items()}
             ev["rule"] = ev.get("rule") or None
+            ev["student"] = ev.get("student") or ANONYMOUS
+            if ev.get("count"):  # aggregated events: how many they stand for
+                ev["count"] = int(ev["count"])
             ev["duration"] = float(ev["duration"]) if ev.get("duration") else None
             ev["break_seconds"] = float(ev["break_seconds"]) if ev.get("break_seconds") else None
             ev["break_honoured"] = (ev["break_honoured"] == "true"
@@ -148,36 +158,82 @@ def read_events(r: redis.Redis, since: str | None = None,
 
 
 def report(events: Iterator[dict[str, Any]], day: dt.date) -> dict[str, Any]:
+    """A day's summary. `events` run oldest first and may reach beyond `day`
+    either side: earlier starts pair with ends, later ends close the day's
+    lessons."""
     lessons = 0
     durations: list[float] = []
     cuts: dict[str, int] = {}
     denials: dict[str, int] = {}
+    anonymous = 0
     students: set[str] = set()
     breaks = breaks_honoured = 0
+    # lessons with no end seen yet: student -> [(start time, counted today)]
+    open_: dict[str, list[tuple[float, bool]]] = {}
     for ev in events:
-        if dt.datetime.fromisoformat(ev["time"]).date() != day:
-            continue
+        t = dt.datetime.fromisoformat(ev["time"])
+        today = t.date() == day
         kind = ev["event"]
         if kind == "lesson_start":
+            open_.setdefault(ev["student"], []).append((t.timestamp(), today))
+            if not today:
+                continue
             lessons += 1
             students.add(ev["student"])
             if ev.get("break_seconds") is not None:
                 breaks += 1
                 breaks_honoured += bool(ev.get("break_honoured"))
         elif kind == "lesson_end" and ev["duration"] is not None:
-            durations.append(ev["duration"])
+            _close(open_.get(ev["student"], []), ev["duration"], t.timestamp())
+            if today:
+                durations.append(ev["duration"])
+        elif not today:
+            continue
         elif kind == "cut":
             cuts[ev["rule"]] = cuts.get(ev["rule"], 0) + 1
         elif kind == "deny":
-            denials[ev["rule"]] = denials.get(ev["rule"], 0) + 1
+            n = int(ev.get("count") or 1)
+            denials[ev["rule"]] = denials.get(ev["rule"], 0) + n
+            if ev["student"] == ANONYMOUS:
+                anonymous += n
     return {
         "day": day.isoformat(), "lessons": lessons, "students": len(students),
         "lessons_ended": len(durations),
+        "lessons_in_progress": sum(today for starts in open_.values() for _, today in starts),
         "lesson_seconds_mean": round(sum(durations) / len(durations), 3) if durations else 0.0,
         "lesson_seconds_max": round(max(durations), 3) if durations else 0.0,
         "breaks": breaks, "breaks_honoured": breaks_honoured,
-        "cuts": cuts, "denials": denials,
+        "cuts": cuts, "denials": denials, "denials_anonymous": anonymous,
     }
+
+
+def _close(starts: list[tuple[float, bool]], duration: float, at: float) -> None:
+    """Pair an ended lesson with the earliest open start it fits. The end of
+    a lesson may be recorded just after the next one started (by its first
+    request): that next start is too late to fit."""
+    for i, (start, _) in enumerate(starts):
+        if start + duration <= at + CLOCK_SLACK:
+            del starts[i]
+            return
+
+
+def render_report(rep: dict[str, Any]) -> str:
+    ended, going = rep["lessons_ended"], rep["lessons_in_progress"]
+    if ended:
+        length = (f"ended lessons' length mean {rep['lesson_seconds_mean']}s, "
+                  f"max {rep['lesson_seconds_max']}s")
+    else:
+        length = "no lesson has ended"
+    lines = [f"{rep['day']}: {rep['lessons']} lessons started by {rep['students']} students, "
+             f"{ended} ended, {going} still in progress; {length}; "
+             f"breaks {rep['breaks']} ({rep['breaks_honoured']} of at least min_break)",
+             "cuts: " + (", ".join(f"{k} {v}" for k, v in sorted(rep["cuts"].items()))
+                         or "none"),
+             "denials: " + (", ".join(f"{k} {v}" for k, v in sorted(rep["denials"].items()))
+                            or "none")
+             + (f" ({rep['denials_anonymous']} anonymous: no student id)"
+                if rep["denials_anonymous"] else "")]
+    return "\n".join(lines)
 
 
 def run_audit_command(a: argparse.Namespace) -> int:
@@ -192,8 +248,8 @@ def run_audit_command(a: argparse.Namespace) -> int:
             try:
                 events = read_events(r, a.since, a.until)
                 if a.format == "csv":
-                    w = csv.DictWriter(sys.stdout, fieldnames=[*FIELDS, "id"],
-                                       extrasaction="ignore")
+                    columns = list(dict.fromkeys([*FIELDS, "count", "id"]))
+                    w = csv.DictWriter(sys.stdout, fieldnames=columns, extrasaction="ignore")
                     w.writeheader()
                     for ev in events:
                         w.writerow(ev)
@@ -216,13 +272,7 @@ def run_audit_command(a: argparse.Namespace) -> int:
         if a.format == "json":
             print(json.dumps(rep, ensure_ascii=False))
         else:
-            print(f"{rep['day']}: {rep['lessons']} lessons by {rep['students']} students; "
-                  f"length mean {rep['lesson_seconds_mean']}s, max {rep['lesson_seconds_max']}s; "
-                  f"breaks {rep['breaks']} ({rep['breaks_honoured']} of at least min_break)")
-            print("cuts: " + (", ".join(f"{k} {v}" for k, v in sorted(rep["cuts"].items()))
-                              or "none"))
-            print("denials: " + (", ".join(f"{k} {v}" for k, v in
-                                           sorted(rep["denials"].items())) or "none"))
+            print(render_report(rep))
         return 0
     except (RedisError, OSError) as e:
         print(f"tutorgate: cannot read the audit stream: {e}", file=sys.stderr)

@@ -9,14 +9,15 @@ import datetime as dt
 import json
 import logging
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, logs
 from .errors import PolicyError
 from .policy import Policy, load_policy
-from .settings import Settings, env, parse_hostport
+from .settings import UPSTREAM_POOL, Settings, env, parse_hostport
 
 log = logging.getLogger("tutorgate")
 
@@ -24,11 +25,29 @@ EXIT_INVALID = 2
 EXIT_CALENDAR_GAP = 3
 
 
-def _setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # APScheduler narrates every job run at INFO; its failures still show.
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+def _log_format(a: argparse.Namespace) -> logs.LogFormat:
+    """--log-format, else TUTORGATE_LOG_FORMAT, else text."""
+    value = a.log_format or env("TUTORGATE_LOG_FORMAT") or "text"
+    if value not in logs.LOG_FORMATS:
+        raise ValueError(f"TUTORGATE_LOG_FORMAT must be text or json, got {value!r}")
+    return value
+
+
+def _setup_logging(a: argparse.Namespace, instance: str | None = None) -> None:
+    logs.setup(a.log_level or env("TUTORGATE_LOG_LEVEL") or "INFO", _log_format(a), instance)
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _bool_env(name: str) -> bool:
+    v = env(name)
+    if v is None or v.lower() in _FALSE:
+        return False
+    if v.lower() in _TRUE:
+        return True
+    raise ValueError(f"{name} must be 1/true/yes/on or 0/false/no/off, got {v!r}")
 
 
 def _use_uvloop() -> None:
@@ -75,7 +94,24 @@ def cmd_serve(a: argparse.Namespace) -> int:
     policy = _load(policy_path)
     if isinstance(policy, int):
         return policy
-    _setup_logging(a.log_level)
+    try:
+        max_body = _int_env("TUTORGATE_MAX_BODY")
+        pool = _int_env("TUTORGATE_UPSTREAM_POOL")
+        retention = _int_env("TUTORGATE_AUDIT_RETENTION_DAYS")
+        access_log = a.access_log or _bool_env("TUTORGATE_ACCESS_LOG")
+        log_format = _log_format(a)
+    except ValueError as e:
+        return _fail(str(e))
+    settings = Settings(
+        policy_path=policy_path, upstream=upstream, listen=listen, admin_listen=admin,
+        redis_url=redis_url, id_secret=secret.encode() if secret else None,
+        max_body=max_body, instance=env("TUTORGATE_INSTANCE") or "", access_log=access_log)
+    if pool:
+        settings = dataclasses.replace(settings, pool_size=pool)
+    if retention:
+        settings = dataclasses.replace(settings, audit_retention_days=float(retention))
+    logs.setup(a.log_level or env("TUTORGATE_LOG_LEVEL") or "INFO", log_format,
+               settings.instance_name)
     if not secret:
         log.warning("TUTORGATE_ID_SECRET is not set: using a random key (memory mode only; "
                     "pseudonyms change on restart)")
@@ -84,20 +120,6 @@ def cmd_serve(a: argparse.Namespace) -> int:
         if policy.model.rest_days.calendar_gap == "refuse":
             return _fail(gap)
         log.warning("%s", gap)
-    try:
-        max_body = _int_env("TUTORGATE_MAX_BODY")
-        pool = _int_env("TUTORGATE_UPSTREAM_POOL")
-        retention = _int_env("TUTORGATE_AUDIT_RETENTION_DAYS")
-    except ValueError as e:
-        return _fail(str(e))
-    settings = Settings(
-        policy_path=policy_path, upstream=upstream, listen=listen, admin_listen=admin,
-        redis_url=redis_url, id_secret=secret.encode() if secret else None,
-        max_body=max_body, instance=env("TUTORGATE_INSTANCE") or "")
-    if pool:
-        settings = dataclasses.replace(settings, pool_size=pool)
-    if retention:
-        settings = dataclasses.replace(settings, audit_retention_days=float(retention))
     from .app import serve
     _use_uvloop()
     try:
@@ -156,7 +178,10 @@ def render_summary(s: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- demo
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    _setup_logging(a.log_level)
+    try:
+        _setup_logging(a)
+    except ValueError as e:
+        return _fail(str(e))
     listen = parse_hostport(a.listen or env("TUTORGATE_LISTEN") or "127.0.0.1:8080")
     admin = parse_hostport(a.admin_listen or env("TUTORGATE_ADMIN_LISTEN") or "127.0.0.1:9100")
     from .demo.run import run_demo
@@ -165,7 +190,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_demo_upstream(a: argparse.Namespace) -> int:
-    _setup_logging(a.log_level)
+    try:
+        _setup_logging(a)
+    except ValueError as e:
+        return _fail(str(e))
     listen = parse_hostport(a.listen, default_host="0.0.0.0")
     from .demo.site import run_site
     _use_uvloop()
@@ -257,6 +285,43 @@ def cmd_audit(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- parser
 
+# Settings read only from the environment (no option): listed in `serve
+# --help` and in the README, the two places an operator looks.
+ENV_ONLY: tuple[tuple[str, str], ...] = (
+    ("TUTORGATE_ID_SECRET", "key that pseudonymises student ids (HMAC); required with "
+                            "--redis, the same on every instance; random in memory mode"),
+    ("TUTORGATE_MAX_BODY", "request body cap in bytes; larger bodies get 413 (default: none)"),
+    ("TUTORGATE_UPSTREAM_POOL", f"upstream connections; each open WebSocket holds one "
+                                f"(default {UPSTREAM_POOL})"),
+    ("TUTORGATE_AUDIT_RETENTION_DAYS", "audit events older than this are trimmed "
+                                       "(default 180)"),
+    ("TUTORGATE_INSTANCE", "this instance's name in logs and audit records "
+                           "(default HOSTNAME:PORT)"),
+    ("TUTORGATE_HEADER_TIMEOUT", "seconds a client has to send a request head (default 10)"),
+    ("TUTORGATE_KEEPALIVE_TIMEOUT", "seconds an idle keep-alive connection stays open"),
+    ("TUTORGATE_MAX_CONNECTIONS", "client connections served at once; more wait in the "
+                                  "listen backlog"),
+    ("TUTORGATE_JWT_KEY", "any name the policy gives in identity.jwt.key_env: the JWT "
+                          "verification key"),
+)
+
+
+def _env_epilog() -> str:
+    lines = ["environment-only settings:"]
+    for name, text in ENV_ONLY:
+        lines.append(f"  {name}")
+        lines += textwrap.wrap(text, 76, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
+def _log_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", metavar="LEVEL",
+                   help="DEBUG, INFO, WARNING or ERROR (default INFO) [TUTORGATE_LOG_LEVEL]")
+    p.add_argument("--log-format", choices=logs.LOG_FORMATS,
+                   help="text (default) or json: one object a line with time, level, "
+                        "message and the request's fields [TUTORGATE_LOG_FORMAT]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tutorgate",
@@ -264,87 +329,128 @@ def build_parser() -> argparse.ArgumentParser:
                     "training per student: 30-minute lessons, 10-minute breaks, a nightly "
                     "curfew, no subject classes on rest days, nothing for preschoolers, no "
                     "photo search.")
-    p.add_argument("--version", action="version", version=f"tutorgate {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    p.add_argument("--version", action="version", version=f"tutorgate {__version__}",
+                   help="print the version and exit")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                           help="run `tutorgate COMMAND --help` for its options")
 
     s = sub.add_parser("serve", help="run the gateway in front of an upstream",
-                       description="Run the gateway. Every option also reads an environment "
-                                   "variable (shown in brackets).")
-    s.add_argument("--policy", help="policy YAML file [TUTORGATE_POLICY]")
-    s.add_argument("--upstream", help="upstream base URL, e.g. http://127.0.0.1:8000 "
-                                      "[TUTORGATE_UPSTREAM]")
-    s.add_argument("--listen", help="HOST:PORT for students (default 127.0.0.1:8080) "
-                                    "[TUTORGATE_LISTEN]")
-    s.add_argument("--admin-listen", help="HOST:PORT for /healthz /readyz /metrics "
-                                          "(default 127.0.0.1:9100) [TUTORGATE_ADMIN_LISTEN]")
-    s.add_argument("--redis", help="Redis URL for shared state; without it state is kept in "
-                                   "process memory (one instance) [TUTORGATE_REDIS_URL]")
-    s.add_argument("--log-level", default="INFO")
+                       description="Run the gateway. Every option also reads an environment\n"
+                                   "variable (shown in brackets); the settings below have no\n"
+                                   "option.",
+                       epilog=_env_epilog(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--policy", metavar="FILE", help="policy YAML file [TUTORGATE_POLICY]")
+    s.add_argument("--upstream", metavar="URL", help="upstream base URL, e.g. "
+                                                     "http://127.0.0.1:8000 [TUTORGATE_UPSTREAM]")
+    s.add_argument("--listen", metavar="HOST:PORT",
+                   help="address for students (default 127.0.0.1:8080) [TUTORGATE_LISTEN]")
+    s.add_argument("--admin-listen", metavar="HOST:PORT",
+                   help="address of /healthz /readyz /metrics (default 127.0.0.1:9100) "
+                        "[TUTORGATE_ADMIN_LISTEN]")
+    s.add_argument("--redis", metavar="URL",
+                   help="Redis URL for shared state; without it state is kept in process "
+                        "memory (one instance) [TUTORGATE_REDIS_URL]")
+    s.add_argument("--access-log", action="store_true", default=False,
+                   help="log one line per request: method, policy route (never the path), "
+                        "status, time, request id, student pseudonym (default off) "
+                        "[TUTORGATE_ACCESS_LOG=1]")
+    _log_options(s)
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("check", help="validate a policy and summarize what it enforces",
                        description="Validate a policy file: exit 0 and a summary if valid, "
                                    "exit 2 and one line per problem if not.")
-    c.add_argument("file")
-    c.add_argument("--format", choices=("text", "json"), default="text")
+    c.add_argument("file", help="the policy YAML file")
+    c.add_argument("--format", choices=("text", "json"), default="text",
+                   help="text (default) or json: the summary, or the problems with their lines")
     c.set_defaults(func=cmd_check)
 
     d = sub.add_parser("demo", help="a demo tutoring site behind the gateway (in memory)",
                        description="Start a demo tutoring site behind the gateway on the "
                                    "embedded in-memory store, with short lessons, and print "
                                    "its URL.")
-    d.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:8080)")
-    d.add_argument("--admin-listen", help="HOST:PORT (default 127.0.0.1:9100)")
-    d.add_argument("--log-level", default="INFO")
+    d.add_argument("--listen", metavar="HOST:PORT",
+                   help="address of the demo (default 127.0.0.1:8080) [TUTORGATE_LISTEN]")
+    d.add_argument("--admin-listen", metavar="HOST:PORT",
+                   help="address of /metrics (default 127.0.0.1:9100) [TUTORGATE_ADMIN_LISTEN]")
+    _log_options(d)
     d.set_defaults(func=cmd_demo)
 
-    du = sub.add_parser("demo-upstream", help="only the demo tutoring site (no gateway)")
-    du.add_argument("--listen", default="0.0.0.0:8000")
-    du.add_argument("--log-level", default="INFO")
+    du = sub.add_parser("demo-upstream", help="only the demo tutoring site (no gateway)",
+                        description="Serve the demo tutoring site alone, as an upstream for "
+                                    "a gateway started separately (the compose stack).")
+    du.add_argument("--listen", metavar="HOST:PORT", default="0.0.0.0:8000",
+                    help="address of the site (default 0.0.0.0:8000)")
+    _log_options(du)
     du.set_defaults(func=cmd_demo_upstream)
 
     e = sub.add_parser("explain", help="what would happen to a request, and why",
                        description="Decide one request offline (an identified student) and "
-                                   "show every rule checked. Exit 0 when it could answer.")
-    e.add_argument("--policy", required=True)
-    e.add_argument("--path", required=True)
-    e.add_argument("--at", required=True, help="ISO 8601 time (no offset = policy time zone)")
-    e.add_argument("--grade")
-    e.add_argument("--region")
-    e.add_argument("--lesson-started", help="ISO 8601 start of the lesson in progress")
-    e.add_argument("--format", choices=("text", "json"), default="text")
+                                   "show every rule checked. Exit 0 when it could answer, 2 "
+                                   "on bad arguments or an invalid policy.")
+    e.add_argument("--policy", metavar="FILE", required=True, help="the policy YAML file")
+    e.add_argument("--path", required=True,
+                   help="request path, e.g. /classroom/subject/math (starts with /)")
+    e.add_argument("--at", metavar="ISO8601", required=True,
+                   help="when the request arrives (no offset = the policy's time zone)")
+    e.add_argument("--grade", help="the student's grade: preschool or 1-12 (default: none)")
+    e.add_argument("--region", help="the student's region code, e.g. 650000 (default: the "
+                                    "base policy)")
+    e.add_argument("--lesson-started", metavar="ISO8601",
+                   help="a lesson has been going on since then (default: no lesson)")
+    e.add_argument("--format", choices=("text", "json"), default="text",
+                   help="text (default) or json: one object")
     e.set_defaults(func=cmd_explain)
 
     cal = sub.add_parser("calendar", help="days closed to subject classes in a year",
                          description="List the days of YEAR when subject classes are not "
                                      "allowed, and why. Exit 3 if the calendar lacks data.")
-    cal.add_argument("year", type=int)
-    cal.add_argument("--policy", required=True)
-    cal.add_argument("--region")
-    cal.add_argument("--format", choices=("text", "json"), default="text")
+    cal.add_argument("year", type=int, help="the year, e.g. 2026")
+    cal.add_argument("--policy", metavar="FILE", required=True, help="the policy YAML file")
+    cal.add_argument("--region", help="a region code of the policy (default: the base policy)")
+    cal.add_argument("--format", choices=("text", "json"), default="text",
+                     help="text (default) or json: a list of days")
     cal.set_defaults(func=cmd_calendar)
 
-    pol = sub.add_parser("policy", help="fleet policy operations")
-    psub = pol.add_subparsers(dest="policy_command", metavar="ACTION", required=True)
+    pol = sub.add_parser("policy", help="fleet policy operations",
+                         description="Operations on the policy every instance on a Redis "
+                                     "runs.")
+    psub = pol.add_subparsers(dest="policy_command", metavar="ACTION", required=True,
+                              help="push")
     push = psub.add_parser("push", help="publish a policy to every instance on a Redis",
                            description="Validate FILE and publish it: every gateway on that "
                                        "Redis switches to it within a second.")
-    push.add_argument("file")
-    push.add_argument("--redis")
+    push.add_argument("file", help="the policy YAML file")
+    push.add_argument("--redis", metavar="URL",
+                      help="the fleet's Redis [TUTORGATE_REDIS_URL]")
     push.set_defaults(func=cmd_policy_push)
 
-    au = sub.add_parser("audit", help="the regulator's audit trail")
-    asub = au.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
-    ex = asub.add_parser("export", help="audit events, oldest first")
-    ex.add_argument("--redis")
-    ex.add_argument("--since")
-    ex.add_argument("--until")
-    ex.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    au = sub.add_parser("audit", help="the regulator's audit trail",
+                        description="Read the audit trail the gateways write to Redis "
+                                    "(lesson starts and ends, denials, cuts).")
+    asub = au.add_subparsers(dest="audit_command", metavar="ACTION", required=True,
+                             help="export or report")
+    ex = asub.add_parser("export", help="audit events, oldest first",
+                         description="Print the audit events between --since and --until, "
+                                     "oldest first. Students appear as pseudonyms; a denial "
+                                     "without a student (photo search) as \"anonymous\".")
+    ex.add_argument("--redis", metavar="URL", help="the fleet's Redis [TUTORGATE_REDIS_URL]")
+    ex.add_argument("--since", metavar="ISO8601",
+                    help="first event time (no offset = UTC; default: the oldest kept)")
+    ex.add_argument("--until", metavar="ISO8601",
+                    help="last event time (no offset = UTC; default: now)")
+    ex.add_argument("--format", choices=("jsonl", "csv"), default="jsonl",
+                    help="jsonl (default): one JSON object a line; csv: a header and rows")
     ex.set_defaults(func=cmd_audit)
-    rep = asub.add_parser("report", help="a day's compliance summary")
-    rep.add_argument("--redis")
-    rep.add_argument("--day", required=True)
-    rep.add_argument("--format", choices=("text", "json"), default="text")
+    rep = asub.add_parser("report", help="a day's compliance summary",
+                          description="Summarise one day: lessons started, ended and still "
+                                      "in progress, their lengths, breaks, cuts and denials.")
+    rep.add_argument("--redis", metavar="URL", help="the fleet's Redis [TUTORGATE_REDIS_URL]")
+    rep.add_argument("--day", metavar="YYYY-MM-DD", required=True,
+                     help="the day, by the time stamps' own offset (the policy's zone)")
+    rep.add_argument("--format", choices=("text", "json"), default="text",
+                     help="text (default) or json: one object")
     rep.set_defaults(func=cmd_audit)
     return p
 

@@ -52,18 +52,43 @@ def explain(policy: Policy, path: str, at: dt.datetime, *, grade: str | None = N
     return out
 
 
+MARKS = {True: "x", False: "-"}
+LEGEND = "legend: [x] the rule applies, [-] it does not"
+
+
+def human_duration(seconds: int) -> str:
+    """Whole seconds as a reader counts them: 45 s, 12 m 5 s, 3 h 20 m, 4 d 5 h."""
+    if seconds < 60:
+        return f"{seconds} s"
+    m, s = divmod(seconds, 60)
+    if m < 60:
+        return f"{m} m {s} s" if s else f"{m} m"
+    h, m = divmod(m, 60)
+    if h < 24:
+        return f"{h} h {m} m" if m else f"{h} h"
+    d, h = divmod(h, 24)
+    return f"{d} d {h} h" if h else f"{d} d"
+
+
+def _duration(seconds: int) -> str:
+    """Readable, with the exact figure the JSON form gives beside it."""
+    text = human_duration(seconds)
+    return text if seconds < 60 else f"{text} ({seconds} s)"
+
+
 def render(result: dict[str, Any], path: str, at: dt.datetime) -> str:
     lines = [f"{path} at {at.isoformat()}: {result['decision'].upper()}"
              + (f" ({result['rule']})" if result["rule"] else "")]
     if result.get("retry_after") is not None:
-        lines.append(f"  retry after {result['retry_after']} s")
+        lines.append(f"  retry after {_duration(result['retry_after'])}")
     if result.get("lesson_remaining") is not None:
-        lines.append(f"  lesson remaining {result['lesson_remaining']} s")
+        lines.append(f"  lesson remaining {_duration(result['lesson_remaining'])}")
     if result.get("note"):
         lines.append(f"  note: {result['note']}")
     for c in result["checked"]:
-        mark = "x" if c["applies"] else "-"
-        lines.append(f"  [{mark}] {c['rule']:<18} {c['why']}")
+        lines.append(f"  [{MARKS[bool(c['applies'])]}] {c['rule']:<18} {c['why']}")
+    if result["checked"]:
+        lines.append(f"  {LEGEND}")
     return "\n".join(lines)
 
 

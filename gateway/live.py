@@ -5,7 +5,7 @@ start + max_duration, the curfew start, the daily limit), so every instance
 holding the same student's connections cuts them at the same moment. A
 deadline is one `loop.call_at` timer: a heap entry in the event loop, which
 holds up at 10,000 connections where one APScheduler job each would not
-(NOTES.md: 10k date jobs take ~0.7 s just to add). Revocations that no
+(10k APScheduler date jobs took ~0.7 s just to add). Revocations that no
 deadline predicts (a policy reload) come through the store's pub/sub.
 """
 

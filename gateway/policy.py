@@ -10,8 +10,11 @@ does a dict lookup.
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import hashlib
 import re
+import types
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -498,10 +501,47 @@ def _line_of(root: yaml.Node | None, loc: Sequence[int | str]) -> int | None:
     return line
 
 
-def _message(err: Mapping[str, Any]) -> str:
+def _step(tp: Any, part: int | str) -> list[Any]:
+    """The types found at `part` (a key or an index) inside a value of type `tp`."""
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        field = tp.model_fields.get(str(part))
+        return [] if field is None else [field.annotation]
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType, Annotated):
+        inner = args if origin is not Annotated else args[:1]
+        return [t for a in inner for t in _step(a, part)]
+    if origin in (tuple, list) and isinstance(part, int) and args:
+        return [args[0]]
+    if origin is dict and len(args) == 2:  # a region code, a stage name
+        return [args[1]]
+    return []
+
+
+def _keys_at(model: type[BaseModel], loc: Sequence[int | str]) -> list[str]:
+    """The keys a policy may use in the mapping at `loc`."""
+    tps: list[Any] = [model]
+    for part in loc:
+        tps = [t for tp in tps for t in _step(tp, part)]
+    out: set[str] = set()
+    for tp in tps:  # the mapping itself may sit inside an Optional
+        for t in [tp, *typing.get_args(tp)]:
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                out.update(t.model_fields)
+    return sorted(out)
+
+
+def _unknown_key(model: type[BaseModel] | None, loc: Sequence[int | str]) -> str:
+    """"unknown key", with the nearest allowed spelling when there is one."""
+    if model is None or not loc:
+        return "unknown key"
+    close = difflib.get_close_matches(str(loc[-1]), _keys_at(model, loc[:-1]), n=1, cutoff=0.75)
+    return f"unknown key; did you mean {close[0]}?" if close else "unknown key"
+
+
+def _message(err: Mapping[str, Any], model: type[BaseModel] | None = None) -> str:
     kind = err.get("type", "")
     if kind == "extra_forbidden":
-        return "unknown key"
+        return _unknown_key(model, [p for p in err["loc"] if p != "[key]"])
     if kind == "missing":
         return "required"
     msg = str(err.get("msg", "invalid"))
@@ -510,11 +550,14 @@ def _message(err: Mapping[str, Any]) -> str:
 
 
 def _validation_problems(exc: ValidationError, root: yaml.Node | None,
-                         prefix: Sequence[int | str] = ()) -> list[tuple[str, str, int | None]]:
+                         prefix: Sequence[int | str] = (),
+                         model: type[BaseModel] | None = None,
+                         ) -> list[tuple[str, str, int | None]]:
     problems = []
     for err in exc.errors():
         loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
-        problems.append((_fmt_loc([*prefix, *loc]), _message(err), _line_of(root, loc)))
+        problems.append((_fmt_loc([*prefix, *loc]), _message({**err, "loc": loc}, model),
+                         _line_of(root, loc)))
     return problems
 
 
@@ -557,7 +600,7 @@ def parse_calendar_file(text: str, source: str) -> CalendarYear:
     try:
         m = CalendarFileModel.model_validate(data)
     except ValidationError as e:
-        raise PolicyError(source, _validation_problems(e, node)) from None
+        raise PolicyError(source, _validation_problems(e, node, model=CalendarFileModel)) from None
     return CalendarYear(
         year=m.year,
         holidays=tuple(Holiday(h.name, h.start, h.end) for h in m.holidays),
@@ -575,7 +618,7 @@ def parse_policy(text: str, source: str = "<policy>",
     try:
         model = PolicyModel.model_validate(data)
     except ValidationError as e:
-        raise PolicyError(source, _validation_problems(e, node)) from None
+        raise PolicyError(source, _validation_problems(e, node, model=PolicyModel)) from None
     years: list[CalendarYear] = []
     problems: list[tuple[str, str, int | None]] = []
     for i, rel in enumerate(model.rest_days.calendar_files):

@@ -23,7 +23,7 @@ from aiohttp import WSMsgType, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from . import rules
+from . import logs, rules
 from .activity import ActivityView
 from .clock import ClockLimits, in_lesson, lesson_end
 from .errors import StoreUnavailable
@@ -32,6 +32,7 @@ from .live import CLOSE_CODES, LiveConn, LiveRegistry, new_conn_id
 from .metrics import Metrics
 from .policy import Policy, Route
 from .responses import denial
+from .settings import UPSTREAM_POOL
 from .store.base import StateStore
 
 log = logging.getLogger("tutorgate.proxy")
@@ -123,7 +124,7 @@ class Proxy:
 
     # ------------------------------------------------------------ lifecycle
 
-    async def start(self, pool_size: int = 1000) -> None:
+    async def start(self, pool_size: int = UPSTREAM_POOL) -> None:
         connector = aiohttp.TCPConnector(limit=pool_size, limit_per_host=0, ttl_dns_cache=300,
                                          keepalive_timeout=30, enable_cleanup_closed=True)
         self.session = aiohttp.ClientSession(
@@ -158,6 +159,7 @@ class Proxy:
     # ------------------------------------------------------------ entry
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        logs.begin_request(request.headers.get(logs.REQUEST_ID))
         rt = self.rt
         route = rt.policy.match(_match_path(request.path))
         if route is None:
@@ -170,12 +172,17 @@ class Proxy:
                       route: Route) -> web.StreamResponse:
         policy = rt.policy
         ws = _is_websocket(request)
+        ctx = logs.current.get()
+        if ctx is not None:
+            ctx.route = route.prefix
         if route.kind == "lesson":
             identify = rt.identify
             student = identify(request.headers,
                                request.cookies if identify.uses_cookies else _NO_COOKIES)
             if student.region is not None and not policy.knows_region(student.region):
                 self.metrics.unknown_region.inc()
+            if ctx is not None:
+                ctx.student = student.key
         else:
             student = rules.Student(problem="missing")
         now = time.time()
@@ -199,11 +206,15 @@ class Proxy:
             decision = pre
             conn_id = None
         region = decision.region
+        if ctx is not None:
+            ctx.region = region
         for rule in decision.shadowed:
             self.count("shadow_deny", rule, route.category, region)
-            log.info("shadow_deny rule=%s category=%s region=%s", rule, route.category, region)
+            log.info("shadow deny: %s (%s)", rule, route.category, extra={"rule": rule})
         if not decision.allowed:
             self.count("deny", decision.rule, route.category, region)
+            log.info("denied: %s (%s)", decision.rule, route.category,
+                     extra={"rule": decision.rule})
             if self.on_event is not None:
                 self.on_event("deny", student.key, decision.rule, route.category, region)
             return denial(decision.rule or rules.STATE_UNAVAILABLE, decision.message,
@@ -547,6 +558,8 @@ def upstream_headers(request: web.Request, websocket: bool = False) -> CIMultiDi
     host = src.get("Host")
     if host is not None:
         out["X-Forwarded-Host"] = host
+    ctx = logs.current.get()
+    out[logs.REQUEST_ID] = ctx.request_id if ctx is not None else logs.new_request_id()
     return out
 
 

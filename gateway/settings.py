@@ -6,6 +6,10 @@ import os
 import socket
 from dataclasses import dataclass
 
+# Upstream connections. Every open WebSocket holds one for its whole life,
+# so this bounds live connections too (TUTORGATE_UPSTREAM_POOL).
+UPSTREAM_POOL = 20000
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -19,10 +23,9 @@ class Settings:
     read_timeout: float | None = 300.0  # upstream idle read timeout, seconds
     instance: str = ""
     grace: float = 10.0                 # seconds ordinary requests get on SIGTERM
-    # Upstream connections. Every open WebSocket holds one for its whole life
-    # (NOTES.md), so this bounds live connections too.
-    pool_size: int = 20000
+    pool_size: int = UPSTREAM_POOL
     audit_retention_days: float = 180.0  # audit stream trimmed by age
+    access_log: bool = False            # one line per request (TUTORGATE_ACCESS_LOG)
 
     @property
     def instance_name(self) -> str:

@@ -296,8 +296,10 @@ class GatewayProcess:
 
 
 def spawn_gateway(policy_path: str, upstream_url: str, *, secret: str = "x",
-                  timeout: float = 15.0) -> GatewayProcess:
-    """Start `tutorgate serve` and wait until /healthz answers 200."""
+                  timeout: float = 15.0, args: tuple[str, ...] = (),
+                  env: dict[str, str] | None = None, stderr: Any = None) -> GatewayProcess:
+    """Start `tutorgate serve` and wait until /healthz answers 200 (`stderr`:
+    a file for its log; by default the log is dropped)."""
     import subprocess
     import sys
     import time
@@ -307,9 +309,10 @@ def spawn_gateway(policy_path: str, upstream_url: str, *, secret: str = "x",
     exe = Path(sys.executable).parent / "tutorgate"
     proc = subprocess.Popen([str(exe), "serve", "--policy", policy_path, "--upstream",
                              upstream_url, "--listen", f"127.0.0.1:{port}",
-                             "--admin-listen", f"127.0.0.1:{admin}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "TUTORGATE_ID_SECRET": secret})
+                             "--admin-listen", f"127.0.0.1:{admin}", *args],
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL if stderr is None else stderr,
+                            env={**os.environ, "TUTORGATE_ID_SECRET": secret, **(env or {})})
     gw = GatewayProcess(proc, port, admin)
     deadline = time.monotonic() + timeout
     while True:

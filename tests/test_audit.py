@@ -191,3 +191,58 @@ def test_export_since_until_and_bad_arguments(private_redis):
                           "--day", "2026-03-01", "--format", "json"],
                          capture_output=True, text=True, timeout=30)
     assert json.loads(out.stdout)["denials"] == {"curfew": 1}
+
+
+def _add(r: redis.Redis, t: str, event: str, student: str, rule: str = "",
+         **extra: str) -> None:
+    ms = int(dt.datetime.fromisoformat(t).timestamp() * 1000)
+    r.xadd("tutorgate:audit", {"time": t, "event": event, "student": student, "rule": rule,
+                               "category": "subject", "region": "base",
+                               "policy_version": "1/x", "instance": "i", **extra},
+           id=f"{ms}-*")
+
+
+def report_of(url: str, day: str, fmt: str = "json") -> str:
+    out = subprocess.run([EXE, "audit", "report", "--redis", url, "--day", day,
+                          "--format", fmt], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_report_counts_lessons_in_progress_and_anonymous_denials(private_redis):
+    """report tells ended lessons from lessons still in progress (also when the
+    previous lesson's end is recorded just after the next one starts), sums
+    aggregated denials' `count`, and names denials without a student anonymous."""
+    r = redis.Redis.from_url(private_redis.url)
+    _add(r, "2026-03-01T23:50:00+08:00", "lesson_start", "c")
+    _add(r, "2026-03-02T09:00:00.000+08:00", "lesson_start", "c")
+    # c's first lesson, reported by c's next request
+    _add(r, "2026-03-02T09:00:00.400+08:00", "lesson_end", "c", duration="1200.000")
+    _add(r, "2026-03-02T10:00:00+08:00", "lesson_start", "a")
+    _add(r, "2026-03-02T10:15:00+08:00", "lesson_end", "a", duration="600.000")
+    _add(r, "2026-03-02T11:00:00+08:00", "lesson_start", "b")
+    _add(r, "2026-03-02T12:00:00+08:00", "deny", "", "forbidden_feature", count="3")
+    _add(r, "2026-03-02T12:00:01+08:00", "deny", "", "forbidden_feature")
+    _add(r, "2026-03-02T12:00:02+08:00", "deny", "h1", "curfew")
+    rep = json.loads(report_of(private_redis.url, "2026-03-02"))
+    assert (rep["lessons"], rep["lessons_ended"], rep["lessons_in_progress"]) == (3, 2, 2)
+    assert rep["lesson_seconds_max"] == 1200.0
+    assert rep["denials"] == {"forbidden_feature": 4, "curfew": 1}
+    assert rep["denials_anonymous"] == 4
+    text = report_of(private_redis.url, "2026-03-02", "text")
+    assert "3 lessons started by 3 students, 2 ended, 2 still in progress" in text
+    assert "denials: curfew 1, forbidden_feature 4 (4 anonymous: no student id)" in text
+    denied = [e for e in export(private_redis.url) if e["event"] == "deny"]
+    assert [(e["student"], e.get("count")) for e in denied] == \
+        [("anonymous", 3), ("anonymous", None), ("h1", None)]
+
+
+def test_report_of_a_day_with_only_a_lesson_in_progress(private_redis):
+    """A lesson still going on is reported in progress, not as a 0 s lesson."""
+    r = redis.Redis.from_url(private_redis.url)
+    _add(r, "2026-03-05T10:00:00+08:00", "lesson_start", "a")
+    rep = json.loads(report_of(private_redis.url, "2026-03-05"))
+    assert (rep["lessons"], rep["lessons_ended"], rep["lessons_in_progress"]) == (1, 0, 1)
+    text = report_of(private_redis.url, "2026-03-05", "text")
+    assert "0 ended, 1 still in progress; no lesson has ended;" in text
+    assert "mean 0.0s" not in text

@@ -1,7 +1,7 @@
 """gateway/calendar.py: rest days from weekends, the national calendar, extras and vacations.
 
-The expected 2026 days are the State Council's notice as written in
-/work/shared/NOTES.md, not values read back from the package.
+The expected 2026 days are the State Council's published notice, not
+values read back from the package.
 """
 
 from __future__ import annotations

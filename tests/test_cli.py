@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -49,7 +50,7 @@ def days(first: D, last: D) -> list[D]:
     return [first + dt.timedelta(n) for n in range((last - first).days + 1)]
 
 
-# The 2026 State Council notice as written in NOTES.md (independent of the package).
+# The 2026 State Council notice as published (independent of the package).
 HOLIDAYS_2026 = {
     "New Year": (D(2026, 1, 1), D(2026, 1, 3)),
     "Spring Festival": (D(2026, 2, 15), D(2026, 2, 23)),
@@ -355,7 +356,18 @@ def test_explain_text(capsys: pytest.CaptureFixture[str]) -> None:
                      "--at", "2026-03-03T23:30")
     assert rc == 0
     assert "DENY (curfew)" in out.splitlines()[0]
-    assert "retry after 23400 s" in out
+    assert "retry after 6 h 30 m (23400 s)" in out
+    assert out.splitlines()[-1] == "  legend: [x] the rule applies, [-] it does not"
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (0, "0 s"), (59, "59 s"), (60, "1 m"), (725, "12 m 5 s"), (3600, "1 h"),
+    (12000, "3 h 20 m"), (86400, "1 d"), (363600, "4 d 5 h"),
+])
+def test_explain_durations_read_as_days_hours_minutes(seconds: int, text: str) -> None:
+    """explain's text form gives durations in d/h/m/s, largest two units."""
+    from gateway.explain import human_duration
+    assert human_duration(seconds) == text
 
 
 @pytest.mark.parametrize("argv", [
@@ -401,7 +413,7 @@ def test_explain_requires_at() -> None:
 
 def expected_2026_cli_policy() -> list[tuple[str, str]]:
     """(date, reason) of every 2026 day closed to subject classes under
-    tests/fixtures/good/cli.yaml, worked out from NOTES.md and the file."""
+    tests/fixtures/good/cli.yaml, worked out from the 2026 notice and the file."""
     summer = set(days(D(2026, 7, 11), D(2026, 8, 31)))
     out = []
     for d in days(D(2026, 1, 1), D(2026, 12, 31)):
@@ -520,7 +532,8 @@ def test_installed_command_check() -> None:
     no = subprocess.run([str(TUTORGATE), "check", str(bad)], capture_output=True, text=True,
                         timeout=60, check=False)
     assert no.returncode == 2
-    assert (no.stdout + no.stderr).splitlines() == [f"{bad}: timezon: unknown key (line 2)"]
+    assert (no.stdout + no.stderr).splitlines() == [
+        f"{bad}: timezon: unknown key; did you mean timezone? (line 2)"]
 
 
 def test_installed_command_calendar_gap() -> None:
@@ -531,3 +544,39 @@ def test_installed_command_calendar_gap() -> None:
     assert p.returncode == 3
     assert "no data for 2027" in p.stderr
     assert isinstance(json.loads(p.stdout), list)
+
+
+# ---------------------------------------------------------------- help texts
+
+def _walk(parser: Any, name: str = "tutorgate") -> Any:
+    import argparse
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from _walk(sub, f"{name} {sub_name}")
+
+
+def test_every_command_and_option_has_help() -> None:
+    """Every subcommand has a description and every option and argument a help text."""
+    import argparse
+    missing = []
+    for name, parser in _walk(cli.build_parser()):
+        if name != "tutorgate" and not (parser.description or "").strip():
+            missing.append(f"{name}: no description")
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            if not (action.help or "").strip():
+                missing.append(f"{name}: {action.option_strings or action.dest}")
+    assert missing == []
+
+
+def test_serve_help_lists_every_environment_setting() -> None:
+    """`serve --help` names every TUTORGATE_ variable the gateway's code reads."""
+    code = "\n".join(p.read_text() for p in Path(cli.__file__).parent.rglob("*.py"))
+    used = set(re.findall(r"\"(TUTORGATE_[A-Z_]+)\"", code))
+    help_text = cli.build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
+    assert {"TUTORGATE_ID_SECRET", "TUTORGATE_MAX_BODY", "TUTORGATE_LOG_FORMAT",
+            "TUTORGATE_HEADER_TIMEOUT"} <= set(re.findall(r"TUTORGATE_[A-Z_]+", help_text))
+    assert sorted(v for v in used if v not in help_text) == []

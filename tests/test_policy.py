@@ -44,7 +44,12 @@ class Problem(NamedTuple):
 
 # One fixture per kind of error, each with every problem it must produce.
 BAD_CASES: dict[str, list[Problem]] = {
-    "unknown-key-top": [Problem("timezon", "unknown key", 2, exact=True)],
+    "unknown-key-top": [Problem("timezon", "unknown key; did you mean timezone?", 2,
+                                exact=True)],
+    "unknown-key-misspelled": [
+        Problem("lesson.max_duraton", "unknown key; did you mean max_duration?", 3, exact=True),
+        Problem("regions.650000.curfew.strat", "unknown key; did you mean start?", 6,
+                exact=True)],
     "unknown-key-nested": [Problem("lesson.max_lenght", "unknown key", 4, exact=True)],
     "missing-version": [Problem("version", "required", 1, exact=True)],
     "missing-routes": [Problem("routes", "required", 1, exact=True)],

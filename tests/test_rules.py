@@ -8,7 +8,7 @@ transition itself (gateway/clock.py) has its own tests in tests/test_clock.py.
 
 Dates used: 2026-03-03 is a Tuesday, 2026-03-06 a Friday, 2026-03-07/08 a
 weekend; 2026-02-14 a make-up Saturday and 02-15..23 the Spring Festival
-(NOTES.md).
+(the State Council's 2026 notice).
 """
 
 from __future__ import annotations

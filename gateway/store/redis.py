@@ -10,7 +10,7 @@ clock is read and updated atomically in one round trip. Keys:
 keeps one student's keys in one cluster slot.
 
 Cheap by design. A redis-py call per request costs the proxy about as much
-CPU as the proxying itself (NOTES.md: ~4,800 -> ~2,700 req/s), and that cost
+CPU as the proxying itself (~4,800 -> ~2,700 req/s, docs/design.md), and that cost
 is the client's per-call work, not Redis. So this store speaks RESP itself on
 one multiplexed connection: the calls made during one event-loop pass are
 packed into one buffer and written once (a `loop.call_soon` flush); replies
