@@ -88,6 +88,8 @@ def make_policy(**kw: Any) -> Policy:
 class Upstream:
     url: str
     seen: list[dict[str, Any]] = field(default_factory=list)
+    # requests whose body broke off before its end (what a cut-off upload looks like)
+    broken: int = 0
     ws_opened: int = 0
     runner: web.AppRunner | None = None
 
@@ -96,9 +98,13 @@ async def _echo(request: web.Request) -> web.StreamResponse:
     up = request.app[UPSTREAM]
     h = hashlib.sha256()
     n = 0
-    async for chunk in request.content.iter_any():
-        h.update(chunk)
-        n += len(chunk)
+    try:
+        async for chunk in request.content.iter_any():
+            h.update(chunk)
+            n += len(chunk)
+    except Exception:
+        up.broken += 1
+        raise
     info = {"method": request.method, "path": request.raw_path,
             "headers": [[k, v] for k, v in request.headers.items()],
             "body_length": n, "body_sha256": h.hexdigest()}
