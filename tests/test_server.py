@@ -302,3 +302,15 @@ def test_malformed_flood_gives_bounded_log(tmp_path, upstream_process):
     flood = [ln for ln in lines if "malformed request" in ln]
     assert 1 <= len(flood) <= 4 * 30, len(flood)  # a line a second per kind at most
     assert len(lines) < 200, lines[:20]
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("TUTORGATE_HEADER_TIMEOUT", "soon"), ("TUTORGATE_HEADER_TIMEOUT", "0"),
+    ("TUTORGATE_KEEPALIVE_TIMEOUT", "-5"), ("TUTORGATE_MAX_CONNECTIONS", "many")])
+def test_bad_connection_settings_are_refused(tmp_path, monkeypatch, capsys, name, value):
+    """A connection setting that is not a positive number stops serve with exit 2 and its name."""
+    from gateway import cli
+    monkeypatch.setenv(name, value)
+    rc = cli.main(["serve", "--policy", _policy(tmp_path), "--upstream", "http://127.0.0.1:1"])
+    assert rc == 2
+    assert name in capsys.readouterr().err
