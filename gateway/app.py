@@ -34,6 +34,13 @@ from .metrics import Metrics
 from .policy import Policy, load_policy, parse_policy
 from .proxy import Proxy, Runtime
 from .scheduler import Scheduler
+from .server import (
+    ConnGuard,
+    ConnLimits,
+    GuardedRunner,
+    default_max_connections,
+    raise_open_files_limit,
+)
 from .settings import Settings
 from .store.base import Cut, StateStore
 from .store.memory import MemoryStore
@@ -300,6 +307,23 @@ class Gateway:
         app.router.add_get("/metrics", self.metrics_view)
         return app
 
+    def runners(self, max_connections: int | None) -> tuple[web.AppRunner, web.AppRunner]:
+        """The main and admin runners, with slow and surplus clients closed
+        (server.py). Only the main port is capped: the admin port must keep
+        answering while the main one is full."""
+        s = self.settings
+        main = GuardedRunner(
+            self.main_app(),
+            ConnGuard(ConnLimits(s.header_timeout, s.keepalive_timeout, max_connections),
+                      self.metrics),
+            access_log=logging.getLogger(logs.ACCESS_LOGGER) if s.access_log else None,
+            access_log_class=logs.AccessLog, shutdown_timeout=s.grace, handle_signals=False)
+        self.metrics.client_connections.set_function(lambda: len(main.guard.open))
+        admin = GuardedRunner(
+            self.admin_app(), ConnGuard(ConnLimits(s.header_timeout, s.keepalive_timeout)),
+            access_log=None, handle_signals=False)
+        return main, admin
+
     async def healthz(self, request: web.Request) -> web.Response:
         if not self.ready:
             return web.json_response({"status": "starting"}, status=503)
@@ -353,11 +377,13 @@ async def serve(settings: Settings, policy: Policy) -> int:
                  "no audit trail: it needs --redis)")
     else:
         log.info("state store: redis (shared by every instance on it)")
-    main_runner = web.AppRunner(
-        gw.main_app(), shutdown_timeout=settings.grace, handle_signals=False,
-        access_log=logging.getLogger(logs.ACCESS_LOGGER) if settings.access_log else None,
-        access_log_class=logs.AccessLog)
-    admin_runner = web.AppRunner(gw.admin_app(), access_log=None, handle_signals=False)
+    before, open_files = raise_open_files_limit()
+    cap = settings.max_connections or default_max_connections(open_files, settings.pool_size)
+    log.info("open-files limit %d%s; up to %d client connections, request heads due "
+             "within %gs, idle connections closed after %gs", open_files,
+             f" (raised from {before})" if open_files != before else "", cap,
+             settings.header_timeout, settings.keepalive_timeout)
+    main_runner, admin_runner = gw.runners(cap)
     await main_runner.setup()
     await admin_runner.setup()
     main_site = web.TCPSite(main_runner, *settings.listen, backlog=1024, reuse_address=True)

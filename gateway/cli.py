@@ -100,6 +100,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
         retention = _int_env("TUTORGATE_AUDIT_RETENTION_DAYS")
         access_log = a.access_log or _bool_env("TUTORGATE_ACCESS_LOG")
         log_format = _log_format(a)
+        conns = _int_env("TUTORGATE_MAX_CONNECTIONS")
+        head_timeout = _seconds_env("TUTORGATE_HEADER_TIMEOUT")
+        idle_timeout = _seconds_env("TUTORGATE_KEEPALIVE_TIMEOUT")
     except ValueError as e:
         return _fail(str(e))
     settings = Settings(
@@ -110,6 +113,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
         settings = dataclasses.replace(settings, pool_size=pool)
     if retention:
         settings = dataclasses.replace(settings, audit_retention_days=float(retention))
+    if conns:
+        settings = dataclasses.replace(settings, max_connections=conns)
+    if head_timeout is not None:
+        settings = dataclasses.replace(settings, header_timeout=head_timeout)
+    if idle_timeout is not None:
+        settings = dataclasses.replace(settings, keepalive_timeout=idle_timeout)
     logs.setup(a.log_level or env("TUTORGATE_LOG_LEVEL") or "INFO", log_format,
                settings.instance_name)
     if not secret:
@@ -135,6 +144,19 @@ def _int_env(name: str) -> int | None:
     if not v.isdigit():
         raise ValueError(f"{name} must be a whole number, got {v!r}")
     return int(v)
+
+
+def _seconds_env(name: str) -> float | None:
+    v = env(name)
+    if v is None:
+        return None
+    try:
+        seconds = float(v)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < 86400:
+        raise ValueError(f"{name} must be a number of seconds above 0, got {v!r}")
+    return seconds
 
 
 def _calendar_gap(policy: Policy) -> str | None:

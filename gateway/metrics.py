@@ -197,6 +197,28 @@ class Metrics:
         self.audit_failures = Counter(
             "tutorgate_audit_write_failures_total", "Audit events that could not be written.",
             registry=r)
+        # The connection layer (server.py): slow, idle and surplus clients.
+        self.client_connections = Gauge(
+            "tutorgate_client_connections", "Open client connections on the main port.",
+            registry=r)
+        self.connections_refused = Counter(
+            "tutorgate_connections_refused_total",
+            "Client connections closed at TUTORGATE_MAX_CONNECTIONS: a new one refused "
+            "(limit) or an older one that had no request under way closed for it (evicted).",
+            ["reason"], registry=r)
+        self.client_timeouts = Counter(
+            "tutorgate_client_timeouts_total",
+            "Client connections closed for slowness: the request head not complete within "
+            "TUTORGATE_HEADER_TIMEOUT (head), or idle past TUTORGATE_KEEPALIVE_TIMEOUT (idle).",
+            ["kind"], registry=r)
+        self.malformed_requests = Counter(
+            "tutorgate_malformed_requests_total",
+            "Requests refused with 4xx before routing (malformed HTTP, oversized head), by "
+            "the parser's error class.", ["kind"], registry=r)
+        for reason in ("limit", "evicted"):
+            self.connections_refused.labels(reason)
+        for kind in ("head", "idle"):
+            self.client_timeouts.labels(kind)
 
     def prime(self, region_labels: Sequence[str], shadowed: Sequence[str] = ()) -> None:
         """Create the series a dashboard asks about before their first event.

@@ -308,8 +308,9 @@ class Proxy:
         url = URL(self._base + request.raw_path, encoded=True)
         headers = upstream_headers(request)
         data: Any = None
+        body: _CappedBody | None = None
         if request.body_exists:
-            data = self._body(request)
+            data = body = _CappedBody(request.content, self.max_body)
         read_timeout = route.read_timeout if route and route.read_timeout else self.read_timeout
         kind = "passthrough" if route is None else route.kind
         t0 = time.perf_counter()
@@ -318,12 +319,13 @@ class Proxy:
                 request.method, url, headers=headers, data=data, allow_redirects=False,
                 timeout=self._timeout(read_timeout),
                 compress=None, chunked=None, auto_decompress=False)
-        except _BodyTooLarge:
-            return denial("body_too_large", f"request body over {self.max_body} bytes", None,
-                          request.headers.get("Accept", ""), status=413)
-        except TimeoutError:
-            return self._upstream_error(request, "timeout", 504)
-        except (aiohttp.ClientError, OSError) as e:
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            # the client wraps the body's own error: ask the body what happened
+            if body is not None and body.over:
+                return denial("body_too_large", f"request body over {self.max_body} bytes",
+                              None, request.headers.get("Accept", ""), status=413)
+            if isinstance(e, TimeoutError):
+                return self._upstream_error(request, "timeout", 504)
             log.warning("upstream request failed: %s: %s", type(e).__name__, e)
             return self._upstream_error(request, "connect", 502)
         self._latency[kind].observe(time.perf_counter() - t0)
@@ -331,14 +333,6 @@ class Proxy:
             return await self._respond(request, up, lesson)
         finally:
             up.release()
-
-    async def _body(self, request: web.Request) -> AsyncIterator[bytes]:
-        seen = 0
-        async for chunk in request.content.iter_any():
-            seen += len(chunk)
-            if self.max_body is not None and seen > self.max_body:
-                raise _BodyTooLarge
-            yield chunk
 
     def _upstream_error(self, request: web.Request, reason: str, status: int) -> web.Response:
         self.metrics.upstream_errors.labels(reason).inc()
@@ -473,6 +467,32 @@ _NO_COOKIES: dict[str, str] = {}
 
 class _BodyTooLarge(Exception):
     pass
+
+
+class _CappedBody:
+    """The client's body streamed upstream, stopped past the cap.
+
+    Stopping raises inside aiohttp's request writer, which aborts the
+    upstream connection before the final chunk (the upstream never sees a
+    complete request) and reports a ClientError of its own: `over` tells
+    the proxy it was the cap (413), not the upstream (502)."""
+
+    __slots__ = ("content", "max_body", "over")
+
+    def __init__(self, content: aiohttp.StreamReader, max_body: int | None) -> None:
+        self.content = content
+        self.max_body = max_body
+        self.over = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        seen = 0
+        cap = self.max_body
+        async for chunk in self.content.iter_any():
+            seen += len(chunk)
+            if cap is not None and seen > cap:
+                self.over = True
+                raise _BodyTooLarge
+            yield chunk
 
 
 def deadline_of(decision: rules.Decision) -> tuple[float, str]:

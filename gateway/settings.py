@@ -26,6 +26,12 @@ class Settings:
     pool_size: int = UPSTREAM_POOL
     audit_retention_days: float = 180.0  # audit stream trimmed by age
     access_log: bool = False            # one line per request (TUTORGATE_ACCESS_LOG)
+    # Client connections (server.py): the whole request head within
+    # header_timeout; idle keep-alive connections closed after keepalive_timeout;
+    # max_connections None = sized from the open-files limit at start.
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 75.0
+    max_connections: int | None = None
 
     @property
     def instance_name(self) -> str:

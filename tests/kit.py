@@ -88,6 +88,8 @@ def make_policy(**kw: Any) -> Policy:
 class Upstream:
     url: str
     seen: list[dict[str, Any]] = field(default_factory=list)
+    # requests whose body broke off before its end (what a cut-off upload looks like)
+    broken: int = 0
     ws_opened: int = 0
     runner: web.AppRunner | None = None
 
@@ -96,9 +98,13 @@ async def _echo(request: web.Request) -> web.StreamResponse:
     up = request.app[UPSTREAM]
     h = hashlib.sha256()
     n = 0
-    async for chunk in request.content.iter_any():
-        h.update(chunk)
-        n += len(chunk)
+    try:
+        async for chunk in request.content.iter_any():
+            h.update(chunk)
+            n += len(chunk)
+    except Exception:
+        up.broken += 1
+        raise
     info = {"method": request.method, "path": request.raw_path,
             "headers": [[k, v] for k, v in request.headers.items()],
             "body_length": n, "body_sha256": h.hexdigest()}
@@ -213,7 +219,9 @@ async def start_gateway(policy: Policy | str, upstream: str, *, redis_url: str |
                         store: StateStore | None = None, secret: bytes = b"test-secret",
                         policy_path: str = "", max_body: int | None = None,
                         read_timeout: float | None = 300.0,
-                        audit_retention_days: float = 180.0) -> RunningGateway:
+                        audit_retention_days: float = 180.0, header_timeout: float = 10.0,
+                        keepalive_timeout: float = 75.0,
+                        max_connections: int | None = None) -> RunningGateway:
     if isinstance(policy, str):
         policy = parse_policy(policy, "test-policy.yaml")
     port, admin = free_port(), free_port()
@@ -221,10 +229,10 @@ async def start_gateway(policy: Policy | str, upstream: str, *, redis_url: str |
                         admin_listen=("127.0.0.1", admin), redis_url=redis_url,
                         id_secret=secret, max_body=max_body, read_timeout=read_timeout,
                         grace=2.0, instance=f"test-{port}",
-                        audit_retention_days=audit_retention_days)
+                        audit_retention_days=audit_retention_days,
+                        header_timeout=header_timeout, keepalive_timeout=keepalive_timeout)
     gw = Gateway(settings, policy, store=store)
-    main = web.AppRunner(gw.main_app(), access_log=None, shutdown_timeout=2.0)
-    adm = web.AppRunner(gw.admin_app(), access_log=None)
+    main, adm = gw.runners(max_connections)
     await main.setup()
     await adm.setup()
     await web.TCPSite(main, "127.0.0.1", port).start()
@@ -297,9 +305,11 @@ class GatewayProcess:
 
 def spawn_gateway(policy_path: str, upstream_url: str, *, secret: str = "x",
                   timeout: float = 15.0, args: tuple[str, ...] = (),
-                  env: dict[str, str] | None = None, stderr: Any = None) -> GatewayProcess:
-    """Start `tutorgate serve` and wait until /healthz answers 200 (`stderr`:
-    a file for its log; by default the log is dropped)."""
+                  env: dict[str, str] | None = None, prefix: tuple[str, ...] = (),
+                  stderr: Any = None) -> GatewayProcess:
+    """Start `tutorgate serve` and wait until /healthz answers 200; `args`
+    go after serve's own, `prefix` runs it under another command (e.g.
+    prlimit), `stderr` takes its log (dropped by default)."""
     import subprocess
     import sys
     import time
@@ -307,7 +317,7 @@ def spawn_gateway(policy_path: str, upstream_url: str, *, secret: str = "x",
 
     port, admin = free_port(), free_port()
     exe = Path(sys.executable).parent / "tutorgate"
-    proc = subprocess.Popen([str(exe), "serve", "--policy", policy_path, "--upstream",
+    proc = subprocess.Popen([*prefix, str(exe), "serve", "--policy", policy_path, "--upstream",
                              upstream_url, "--listen", f"127.0.0.1:{port}",
                              "--admin-listen", f"127.0.0.1:{admin}", *args],
                             stdout=subprocess.DEVNULL,
