@@ -69,6 +69,7 @@ class Gateway:
                            settings.upstream, max_body=settings.max_body,
                            read_timeout=settings.read_timeout)
         self.scheduler = Scheduler(self.metrics)
+        self.metrics.calendar_provisional.set_function(self.calendar_provisional)
         self.audit: AuditWriter | None = None
         if settings.redis_url:
             self.audit = AuditWriter(settings.redis_url, settings.instance_name, self.metrics,
@@ -239,13 +240,22 @@ class Gateway:
 
     async def calendar_upkeep(self) -> None:
         policy = self.policy
-        until = policy.national.covered_until
         self._show_policy(policy)
-        left = (until - dt.date.today()).days
-        if left < 30:
-            log.warning("the holiday calendar's data ends on %s (%d days): add the next "
-                        "year's calendar file to the policy (rest_days.calendar_files)",
-                        until, left)
+        if not any(p.calendar.statutory_holidays for p in policy.profiles.values()):
+            return
+        warning = policy.national.coverage_warning(dt.date.today())
+        if warning is not None:
+            log.warning("%s", warning)
+
+    def calendar_provisional(self) -> float:
+        """1 while some profile's local today lies beyond the official calendar
+        data, so its rest-day decisions rest on the law's fallback (read at
+        scrape time: no job has to run at midnight)."""
+        now = time.time()
+        for p in self.policy.profiles.values():
+            if not p.calendar.covers(dt.datetime.fromtimestamp(now, p.tz).date()):
+                return 1.0
+        return 0.0
 
     # ------------------------------------------------------------ apps
 

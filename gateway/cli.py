@@ -126,7 +126,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
                     "pseudonyms change on restart)")
     gap = _calendar_gap(policy)
     if gap is not None:
-        if policy.model.rest_days.calendar_gap == "refuse":
+        if policy.model.rest_days.calendar_gap == "refuse" and \
+                not policy.national.covers(dt.date.today()):
             return _fail(gap)
         log.warning("%s", gap)
     from .app import serve
@@ -160,15 +161,11 @@ def _seconds_env(name: str) -> float | None:
 
 
 def _calendar_gap(policy: Policy) -> str | None:
-    """A warning when today lies beyond the national calendar's data."""
+    """A warning when the national calendar's data ends within 60 days or
+    already has (today lies beyond it)."""
     if not policy.model.rest_days.statutory_holidays:
         return None
-    today = dt.date.today()
-    if policy.national.covers(today):
-        return None
-    return (f"the holiday calendar has no data for {today.year} (it ends "
-            f"{policy.national.covered_until}): statutory holidays are not known; add "
-            f"rest_days.calendar_files for {today.year}")
+    return policy.national.coverage_warning(dt.date.today())
 
 
 # ---------------------------------------------------------------- check
@@ -266,19 +263,34 @@ def cmd_calendar(a: argparse.Namespace) -> int:
         return policy
     if not 1900 <= a.year <= 2200:
         return _fail(f"year {a.year} is out of range")
-    days, gap = calendar_year(policy, a.year, a.region)
+    days, uncovered = calendar_year(policy, a.year, a.region, workdays=a.include_workdays)
     if a.format == "json":
         print(json.dumps(days, ensure_ascii=False))
     else:
         for d in days:
-            print(f"{d['date']}  {d['reason']:<8}  {d['name']}")
-        print(f"{len(days)} days closed to subject classes in {a.year}")
-    if gap:
+            mark = "  (provisional)" if d.get("provisional") else ""
+            print(f"{d['date']}  {d['reason']:<8}  {d['name']}{mark}")
+        closed = sum(1 for d in days if d["reason"] != "workday")
+        print(f"{closed} days closed to subject classes in {a.year}")
+    if uncovered:
         print(f"tutorgate: the national calendar has no data for {a.year} "
-              f"(it ends {policy.national.covered_until}); statutory holidays are missing "
-              "above: add rest_days.calendar_files", file=sys.stderr)
+              f"({_ranges(uncovered)}; it ends {policy.national.covered_until}): the "
+              "statutory days fixed by law and weekends are listed as provisional, make-up "
+              "working days are unknown; add rest_days.calendar_files from the State Council "
+              "notice", file=sys.stderr)
         return EXIT_CALENDAR_GAP
     return 0
+
+
+def _ranges(dates: Sequence[dt.date]) -> str:
+    """2027-01-01..2027-12-31, 2028-01-05: runs of consecutive dates."""
+    runs: list[list[dt.date]] = []
+    for d in dates:
+        if runs and (d - runs[-1][-1]).days == 1:
+            runs[-1].append(d)
+        else:
+            runs.append([d])
+    return ", ".join(f"{r[0]}..{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 # ---------------------------------------------------------------- policy push, audit
@@ -433,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--region", help="a region code of the policy (default: the base policy)")
     cal.add_argument("--format", choices=("text", "json"), default="text",
                      help="text (default) or json: a list of days")
+    cal.add_argument("--include-workdays", action="store_true",
+                     help='also list make-up school days (调休), with reason "workday"')
     cal.set_defaults(func=cmd_calendar)
 
     pol = sub.add_parser("policy", help="fleet policy operations",

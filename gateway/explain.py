@@ -47,6 +47,9 @@ def explain(policy: Policy, path: str, at: dt.datetime, *, grade: str | None = N
     }
     if decision.shadowed:
         out["shadowed"] = list(decision.shadowed)
+    if decision.provisional:
+        # Only when true: the answer rests on the law's days, not a notice (issue 10).
+        out["provisional"] = True
     if region is not None and not policy.knows_region(region):
         out["note"] = f"region {region!r} is not in the policy: the base policy applies"
     return out
@@ -85,6 +88,9 @@ def render(result: dict[str, Any], path: str, at: dt.datetime) -> str:
         lines.append(f"  lesson remaining {_duration(result['lesson_remaining'])}")
     if result.get("note"):
         lines.append(f"  note: {result['note']}")
+    if result.get("provisional"):
+        lines.append("  provisional: the date lies beyond the official holiday calendar; the "
+                     "law's statutory days and weekends are assumed until the notice is added")
     for c in result["checked"]:
         lines.append(f"  [{MARKS[bool(c['applies'])]}] {c['rule']:<18} {c['why']}")
     if result["checked"]:
@@ -92,12 +98,26 @@ def render(result: dict[str, Any], path: str, at: dt.datetime) -> str:
     return "\n".join(lines)
 
 
-def calendar_year(policy: Policy, year: int,
-                  region: str | None = None) -> tuple[list[dict[str, str]], bool]:
-    """Days of `year` closed to subject classes, and whether the national
-    calendar lacks data for it."""
-    profile = policy.profile(region, None)
-    cal = profile.calendar
-    days = cal.rest_days_in(dt.date(year, 1, 1), dt.date(year, 12, 31))
-    gap = not cal.covers(dt.date(year, 1, 1)) or not cal.covers(dt.date(year, 12, 31))
-    return [{"date": d.date.isoformat(), "reason": d.reason, "name": d.name} for d in days], gap
+def calendar_year(policy: Policy, year: int, region: str | None = None, *,
+                  workdays: bool = False) -> tuple[list[dict[str, Any]], list[dt.date]]:
+    """Days of `year` closed to subject classes, in date order, and the dates
+    the official calendar data does not cover. A day that rests on the law's
+    fallback carries `"provisional": true` (only then, so the contract's
+    three keys stay as they were). With `workdays`, make-up school days
+    (调休 and the policy's extra workdays on rest days) are merged in with
+    reason "workday": that list is no longer "closed days" only."""
+    cal = policy.profile(region, None).calendar
+    first, last = dt.date(year, 1, 1), dt.date(year, 12, 31)
+    out: list[tuple[dt.date, dict[str, Any]]] = []
+    for d in cal.rest_days_in(first, last):
+        entry: dict[str, Any] = {"date": d.date.isoformat(), "reason": d.reason, "name": d.name}
+        if d.provisional:
+            entry["provisional"] = True
+        out.append((d.date, entry))
+    if workdays:
+        out += [(w.date, {"date": w.date.isoformat(), "reason": "workday", "name": w.name})
+                for w in cal.makeup_workdays_in(first, last)]
+        out.sort(key=lambda x: x[0])
+    uncovered = [first + dt.timedelta(days=n) for n in range((last - first).days + 1)
+                 if not cal.covers(first + dt.timedelta(days=n))]
+    return [e for _, e in out], uncovered

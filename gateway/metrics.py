@@ -183,6 +183,11 @@ class Metrics:
         self.calendar_covered_until = Gauge(
             "tutorgate_calendar_covered_until_timestamp",
             "Unix time of the end of the last day the holiday calendar covers.", registry=r)
+        self.calendar_provisional = Gauge(
+            "tutorgate_calendar_provisional",
+            "1 while today (in some profile's time zone) lies beyond the official holiday "
+            "calendar: rest days are the law's statutory days and weekends, provisionally.",
+            registry=r)
         self.unknown_region = Counter(
             "tutorgate_unknown_region_total",
             "Requests whose region code the policy does not list (base policy used).", registry=r)

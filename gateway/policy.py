@@ -32,7 +32,14 @@ from pydantic import (
     model_validator,
 )
 
-from .calendar import CalendarYear, Holiday, NationalCalendar, RestCalendar, Vacation
+from .calendar import (
+    CalendarYear,
+    Holiday,
+    NationalCalendar,
+    RestCalendar,
+    Vacation,
+    missing_law_days,
+)
 from .clock import ClockLimits
 from .errors import PolicyError
 
@@ -601,10 +608,19 @@ def parse_calendar_file(text: str, source: str) -> CalendarYear:
         m = CalendarFileModel.model_validate(data)
     except ValidationError as e:
         raise PolicyError(source, _validation_problems(e, node, model=CalendarFileModel)) from None
-    return CalendarYear(
+    cy = CalendarYear(
         year=m.year,
         holidays=tuple(Holiday(h.name, h.start, h.end) for h in m.holidays),
         workdays=frozenset(m.workdays))
+    # Every State Council notice holds the law's statutory days: a file that
+    # misses one is mistyped, and loading it would open a holiday to classes.
+    missing = missing_law_days(cy) if cy.year >= 2008 else []
+    if missing:
+        days = ", ".join(f"{d} ({name})" for d, name in missing)
+        raise PolicyError(source, [("holidays", f"misses statutory day(s) fixed by law "
+                                    f"(全国年节及纪念日放假办法): {days}",
+                                    _line_of(node, ["holidays"]))])
+    return cy
 
 
 def parse_policy(text: str, source: str = "<policy>",

@@ -88,6 +88,8 @@ class Decision:
     step: Step | None = None
     region: str = "base"
     end_rule: str = LESSON_LIMIT  # what ends the lesson: lesson_limit, curfew, daily_limit
+    # the rest-day answer rests on the law's fallback, not on official data
+    provisional: bool = False
 
     @property
     def status(self) -> int:
@@ -114,6 +116,7 @@ class Pending:
     shadowed: tuple[str, ...] = ()
     checked: tuple[Check, ...] = field(default_factory=tuple)
     trace: bool = False
+    provisional: bool = False
 
 
 # ---------------------------------------------------------------- time helpers
@@ -161,6 +164,7 @@ class _Facts:
     to_midnight: float
     rest: RestDay | None
     rest_retry: float | None
+    provisional: bool    # today's rest-day answer or its wait rests on the law's fallback
 
 
 # id(profile) -> (profile, facts); the profile is kept so an id is never reused.
@@ -175,13 +179,15 @@ def _facts(profile: Profile, now: float) -> _Facts:
     local = dt.datetime.fromtimestamp(second, profile.tz)
     inside, to_end, to_start = _curfew_at(profile, local)
     today, to_midnight = _day_at(profile, local)
-    rest = profile.calendar.rest_day(today)
+    rest, provisional = profile.calendar.verdict(today)
     retry = None
     if rest is not None:
-        nxt = profile.calendar.next_open_day(today)
+        nxt, later = profile.calendar.next_open(today)
+        provisional = provisional or later
         if nxt is not None:
             retry = to_midnight + (nxt - today - dt.timedelta(days=1)).days * 86400.0
-    facts = _Facts(second, inside, to_end, to_start, today, to_midnight, rest, retry)
+    facts = _Facts(second, inside, to_end, to_start, today, to_midnight, rest, retry,
+                   provisional)
     if len(_FACTS) > 4096:  # policies come and go with reloads
         _FACTS.clear()
     _FACTS[id(profile)] = (profile, facts)
@@ -216,13 +222,14 @@ def precheck(policy: Policy, route: Route, student: Student, now: float,
     shadowed: list[str] = []
 
     def hit(rule: str, why: Callable[[], str], retry: float | None = None,
-            region: str = "base") -> Decision | None:
+            region: str = "base", provisional: bool = False) -> Decision | None:
         if trace:
             checked.append(Check(rule, True, why()))
         if rule in policy.shadow:
             shadowed.append(rule)
             return None
-        return Decision(False, rule, retry, None, tuple(shadowed), tuple(checked), region=region)
+        return Decision(False, rule, retry, None, tuple(shadowed), tuple(checked), region=region,
+                        provisional=provisional)
 
     def miss(rule: str, why: Callable[[], str]) -> None:
         if trace:
@@ -276,21 +283,29 @@ def precheck(policy: Policy, route: Route, student: Student, now: float,
         miss(CURFEW, lambda: f"outside the curfew {window()}; it starts in {int(to_start)}s")
 
     today, to_midnight = f.today, f.to_midnight - frac
+    provisional = False
     if route.category == "subject":
         rest = f.rest
+        provisional = f.provisional
+
+        def mark() -> str:
+            return (f" -- provisional: no official calendar for {today.year} yet, the law's "
+                    "statutory days and weekends apply" if provisional else "")
+
         if rest is not None:
             retry = None if f.rest_retry is None else f.rest_retry - frac
-            d = hit(REST_DAY, lambda: f"{today} is a rest day ({rest.reason}: {rest.name})",
-                    retry, region=region)
+            d = hit(REST_DAY,
+                    lambda: f"{today} is a rest day ({rest.reason}: {rest.name}){mark()}",
+                    retry, region=region, provisional=provisional)
             if d is not None:
                 return d
         else:
-            miss(REST_DAY, lambda: f"{today} is a school day")
+            miss(REST_DAY, lambda: f"{today} is a school day{mark()}")
     else:
         miss(REST_DAY, lambda: "non-subject classes are not bound by rest days")
 
     return Pending(route, student, profile, profile.clock, today.toordinal(),
-                   to_midnight, to_start, tuple(shadowed), tuple(checked), trace)
+                   to_midnight, to_start, tuple(shadowed), tuple(checked), trace, provisional)
 
 
 def _precheck_fast(policy: Policy, route: Route, student: Student,
@@ -311,11 +326,13 @@ def _precheck_fast(policy: Policy, route: Route, student: Student,
     frac = now - f.second
     if f.inside:
         return Decision(False, CURFEW, f.to_end - frac, region=profile.region)
-    if route.category == "subject" and f.rest is not None:
+    subject = route.category == "subject"
+    if subject and f.rest is not None:
         return Decision(False, REST_DAY, None if f.rest_retry is None else f.rest_retry - frac,
-                        region=profile.region)
+                        region=profile.region, provisional=f.provisional)
     return Pending(route, student, profile, profile.clock, f.today.toordinal(),
-                   f.to_midnight - frac, f.to_start - frac)
+                   f.to_midnight - frac, f.to_start - frac,
+                   provisional=subject and f.provisional)
 
 
 def finish(pending: Pending, step: Step) -> Decision:
@@ -332,7 +349,7 @@ def finish(pending: Pending, step: Step) -> Decision:
             checked.append(Check(DAILY_LIMIT, True,
                                  f"today's lesson time reached {lim.daily_max:g}s"))
         return Decision(False, DAILY_LIMIT, step.retry_after, None, tuple(shadowed),
-                        tuple(checked), step, region)
+                        tuple(checked), step, region, provisional=pending.provisional)
     if lim.daily_max is not None:
         daily_hit = DAILY_LIMIT in step.shadowed
         if trace:
@@ -344,7 +361,7 @@ def finish(pending: Pending, step: Step) -> Decision:
             checked.append(Check(BREAK_REQUIRED, True,
                                  f"the break lasts {lim.min_break:g}s after a lesson"))
         return Decision(False, BREAK_REQUIRED, step.retry_after, None, tuple(shadowed),
-                        tuple(checked), step, region)
+                        tuple(checked), step, region, provisional=pending.provisional)
     brk = BREAK_REQUIRED in step.shadowed
     if trace:
         checked.append(Check(BREAK_REQUIRED, brk,
@@ -365,7 +382,7 @@ def _allowed(pending: Pending, step: Step, shadowed: tuple[str, ...],
     if pending.until_curfew < remaining:
         remaining, end_rule = pending.until_curfew, CURFEW
     return Decision(True, None, None, remaining, shadowed, checked, step, pending.profile.region,
-                    end_rule)
+                    end_rule, pending.provisional)
 
 
 def decide(policy: Policy, route: Route, student: Student, state: ClockState,
@@ -384,6 +401,7 @@ def unavailable(pending: Pending, fail_open: bool) -> Decision:
     if fail_open:
         return Decision(True, None, None, min(float(pending.limits.max_duration),
                                               pending.until_curfew),
-                        pending.shadowed, checked, None, pending.profile.region)
+                        pending.shadowed, checked, None, pending.profile.region,
+                        provisional=pending.provisional)
     return Decision(False, STATE_UNAVAILABLE, None, None, pending.shadowed, checked, None,
-                    pending.profile.region)
+                    pending.profile.region, provisional=pending.provisional)

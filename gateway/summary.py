@@ -25,9 +25,14 @@ def _profile(p: Profile, today: dt.date, days: int) -> dict[str, Any]:
         "curfew": f"{p.curfew_start:%H:%M:%S}-{p.curfew_end:%H:%M:%S}",
         "max_duration": _dur(p.limits.max_duration), "min_break": _dur(p.limits.min_break),
         "daily_max": _dur(p.limits.daily_max),
-        "rest_days_next_30": [f"{r.date} {r.reason}: {r.name}" for r in rest],
+        "rest_days_next_30": [f"{r.date} {r.reason}: {r.name}"
+                              + (" (provisional)" if r.provisional else "") for r in rest],
         "calendar_covered": p.calendar.covers(today + dt.timedelta(days=days - 1)),
     }
+
+
+def _uses_national(policy: Policy) -> bool:
+    return any(p.calendar.statutory_holidays for p in policy.profiles.values())
 
 
 def summarize(policy: Policy, today: dt.date, days: int = 30) -> dict[str, Any]:
@@ -45,6 +50,9 @@ def summarize(policy: Policy, today: dt.date, days: int = 30) -> dict[str, Any]:
         "mode": m.mode, "shadow_rules": sorted(policy.shadow) if m.mode == "enforce" else "all",
         "failure_mode": m.failure_mode, "identity": m.identity.source,
         "calendar_covered_until": policy.national.covered_until.isoformat(),
+        # the data ends within 60 days or has ended: say so before it bites (issue 10)
+        "calendar_warning": policy.national.coverage_warning(today)
+        if _uses_national(policy) else None,
         "routes": [{"prefix": r.prefix, "kind": r.kind, "category": r.category,
                     "feature": r.feature} for r in policy.routes],
         "stages": stages, "regions": regions,
@@ -58,6 +66,7 @@ def render(s: dict[str, Any]) -> str:
            f"when the state store is down: {s['failure_mode']}",
            f"identity: {s['identity']}",
            f"national calendar data until {s['calendar_covered_until']}",
+           *([f"WARNING: {s['calendar_warning']}"] if s.get("calendar_warning") else []),
            "routes (first match wins; anything else passes through unenforced):"]
     for r in s["routes"]:
         what = f"lesson, {r['category']}" if r["kind"] == "lesson" else \

@@ -10,7 +10,16 @@ import datetime as dt
 
 import pytest
 
-from gateway.calendar import CalendarYear, Holiday, NationalCalendar, RestCalendar, Vacation
+from gateway.calendar import (
+    CalendarYear,
+    Holiday,
+    NationalCalendar,
+    RestCalendar,
+    RestDay,
+    Vacation,
+    law_days,
+    missing_law_days,
+)
 
 D = dt.date
 
@@ -256,3 +265,139 @@ def test_rest_days_in_lists_the_spring_festival_window() -> None:
     """rest_days_in lists 02-10..03-01 in order: the festival and a Sunday, no make-up days."""
     got = [(r.date, r.reason) for r in cal().rest_days_in(D(2026, 2, 10), D(2026, 3, 1))]
     assert got == [(d, "holiday") for d in SPRING_FESTIVAL_2026] + [(D(2026, 3, 1), "weekend")]
+
+
+# ---------------------------------------------------------------- beyond the data (issue 10)
+# The law (全国年节及纪念日放假办法, 2024 text) fixes 13 days; the lunar dates
+# below are written out by hand (2027 Spring Festival 2/6, eve 2/5,
+# Dragon Boat 6/9, Mid-Autumn 9/15, Qingming 4/5; 2028 Spring Festival 1/26),
+# not read back from the lunar library.
+
+LAW_2027 = {
+    D(2027, 1, 1): "New Year's Day",
+    **{d: "Spring Festival" for d in days(D(2027, 2, 5), D(2027, 2, 8))},
+    D(2027, 4, 5): "Tomb-sweeping Day",
+    D(2027, 5, 1): "Labour Day", D(2027, 5, 2): "Labour Day",
+    D(2027, 6, 9): "Dragon Boat Festival",
+    D(2027, 9, 15): "Mid-autumn Festival",
+    **{d: "National Day" for d in days(D(2027, 10, 1), D(2027, 10, 3))},
+}
+LAW_2028 = {
+    D(2028, 1, 1): "New Year's Day",
+    **{d: "Spring Festival" for d in days(D(2028, 1, 25), D(2028, 1, 28))},
+    D(2028, 4, 4): "Tomb-sweeping Day",
+    D(2028, 5, 1): "Labour Day", D(2028, 5, 2): "Labour Day",
+    D(2028, 5, 28): "Dragon Boat Festival",
+    D(2028, 10, 1): "National Day", D(2028, 10, 2): "National Day",
+    D(2028, 10, 3): "Mid-autumn Festival, National Day",  # the two fall on one day
+}
+
+# The official notices of the State Council for 2025 (published 2024-11-12) and 2026.
+OFFICIAL_HOLIDAYS = {
+    2025: [(D(2025, 1, 1), D(2025, 1, 1)), (D(2025, 1, 28), D(2025, 2, 4)),
+           (D(2025, 4, 4), D(2025, 4, 6)), (D(2025, 5, 1), D(2025, 5, 5)),
+           (D(2025, 5, 31), D(2025, 6, 2)), (D(2025, 10, 1), D(2025, 10, 8))],
+    2026: [(D(2026, 1, 1), D(2026, 1, 3)), (D(2026, 2, 15), D(2026, 2, 23)),
+           (D(2026, 4, 4), D(2026, 4, 6)), (D(2026, 5, 1), D(2026, 5, 5)),
+           (D(2026, 6, 19), D(2026, 6, 21)), (D(2026, 9, 25), D(2026, 9, 27)),
+           (D(2026, 10, 1), D(2026, 10, 7))],
+}
+
+
+@pytest.mark.parametrize(("day", "name"), sorted({**LAW_2027, **LAW_2028}.items()), ids=str)
+def test_each_statutory_day_beyond_the_data_is_a_provisional_holiday(day: D, name: str) -> None:
+    """Every day the law fixes in 2027 and 2028 is a provisional holiday, weekday or not."""
+    assert cal().verdict(day) == (RestDay(day, "holiday", name, provisional=True), True)
+
+
+@pytest.mark.parametrize(("year", "expected"), [(2027, LAW_2027), (2028, LAW_2028)])
+def test_law_days_are_exactly_the_thirteen(year: int, expected: dict[D, str]) -> None:
+    """law_days gives the law's days of a year, no more and no fewer."""
+    assert dict(law_days(year)) == expected
+
+
+@pytest.mark.parametrize("year", sorted(OFFICIAL_HOLIDAYS))
+def test_law_days_lie_inside_the_official_notice(year: int) -> None:
+    """Each of the law's days of 2025 and 2026 is a holiday in that year's notice."""
+    official = {d for a, b in OFFICIAL_HOLIDAYS[year] for d in days(a, b)}
+    assert set(law_days(year)) <= official
+    assert len(law_days(year)) == 13
+
+
+def test_law_days_lie_inside_the_packaged_data_of_every_year() -> None:
+    """For 2008-2026 the law then in force is inside the package's holidays, except one
+    slip of the package: 2012-06-23, the Dragon Boat Saturday of a 6/22-24 holiday."""
+    packaged = NationalCalendar()
+    missing = [d for y in range(2008, 2027) for d in law_days(y)
+               if packaged.holiday_name(d) is None]
+    assert missing == [D(2012, 6, 23)]
+
+
+def test_beyond_the_data_a_weekday_is_a_provisional_school_day() -> None:
+    """2027-01-04 (a Monday, no law day) is open, but provisionally (no notice yet)."""
+    assert cal().verdict(D(2027, 1, 4)) == (None, True)
+
+
+def test_beyond_the_data_weekends_stay_rest_days() -> None:
+    """No make-up working day is assumed: Saturday 2027-01-09 is a provisional rest day."""
+    rest, provisional = cal().verdict(D(2027, 1, 9))
+    assert rest is not None and (rest.reason, rest.provisional, provisional) == \
+        ("weekend", True, True)
+
+
+def test_covered_dates_are_never_provisional() -> None:
+    """Within the package's years nothing is provisional, rest day or not."""
+    c = cal()
+    assert all(not c.verdict(d)[1] for d in days(D(2026, 1, 1), D(2026, 12, 31)))
+
+
+def test_policy_data_is_not_provisional_beyond_the_national_data() -> None:
+    """Vacations, extra holidays and extra workdays are the policy's own: certain in 2027."""
+    c = cal(extra_holidays=(D(2027, 3, 3),), extra_workdays=(D(2027, 1, 1),),
+            vacations=(Vacation("winter", D(2027, 1, 23), D(2027, 2, 21)),))
+    assert c.verdict(D(2027, 3, 3))[1] is False
+    assert c.verdict(D(2027, 1, 1)) == (None, False)
+    assert c.verdict(D(2027, 2, 6))[1] is False
+
+
+def test_without_statutory_holidays_nothing_is_provisional() -> None:
+    """A policy that ignores the national calendar has no law fallback either."""
+    assert cal(statutory=False).verdict(D(2027, 1, 1)) == (None, False)
+
+
+def test_a_wait_running_past_the_data_is_provisional() -> None:
+    """Sunday 2026-12-27 reopens on covered Monday 12-28; with 12-31 an extra holiday,
+    Wednesday 12-30's wait reaches Monday 2027-01-04 and rests on the fallback."""
+    c = cal(extra_holidays=(D(2026, 12, 31),))
+    assert c.next_open(D(2026, 12, 27)) == (D(2026, 12, 28), False)
+    assert c.next_open(D(2026, 12, 30)) == (D(2027, 1, 4), True)
+
+
+def test_missing_law_days_names_each_missing_day() -> None:
+    """A calendar file without the Spring Festival eve and 2 May misses exactly those."""
+    held = [Holiday("x", d, d) for d in LAW_2027 if d not in (D(2027, 2, 5), D(2027, 5, 2))]
+    assert missing_law_days(CalendarYear(2027, tuple(held))) == [
+        (D(2027, 2, 5), "Spring Festival"), (D(2027, 5, 2), "Labour Day")]
+
+
+@pytest.mark.parametrize(("today", "warns"), [
+    (D(2026, 10, 31), False),   # 61 days left
+    (D(2026, 11, 2), True),     # 59 days left
+    (D(2026, 12, 1), True),     # the day this was written
+    (D(2027, 1, 1), True),      # beyond the data
+])
+def test_coverage_warning_60_days_ahead(today: D, warns: bool) -> None:
+    """The operator is warned from 60 days before the data ends, and after."""
+    w = NationalCalendar().coverage_warning(today)
+    assert (w is not None) is warns
+    if warns and today.year == 2027:
+        assert "PROVISIONAL" in w and "2027" in w
+
+
+def test_makeup_workdays_of_2026_are_the_official_ones() -> None:
+    """makeup_workdays_in lists the six 2026 make-up working days, and an extra workday
+    that falls on a Saturday."""
+    c = cal(extra_workdays=(D(2026, 12, 5),))
+    got = c.makeup_workdays_in(D(2026, 1, 1), D(2026, 12, 31))
+    assert [w.date for w in got] == [*MAKEUP_DAYS_2026, D(2026, 12, 5)]
+    assert got[-1].name == "extra workday"

@@ -580,3 +580,205 @@ def test_serve_help_lists_every_environment_setting() -> None:
     assert {"TUTORGATE_ID_SECRET", "TUTORGATE_MAX_BODY", "TUTORGATE_LOG_FORMAT",
             "TUTORGATE_HEADER_TIMEOUT"} <= set(re.findall(r"TUTORGATE_[A-Z_]+", help_text))
     assert sorted(v for v in used if v not in help_text) == []
+# ---------------------------------------------------------------- beyond the calendar (issue 10)
+
+SHIPPED_POLICIES = sorted((ROOT / "policies").glob("*.yaml"))
+SPRING_FESTIVAL_2027 = days(D(2027, 2, 5), D(2027, 2, 8))   # eve + days 1-3
+
+
+@pytest.mark.parametrize("day", [D(2027, 1, 1), *SPRING_FESTIVAL_2027], ids=str)
+@pytest.mark.parametrize("policy", SHIPPED_POLICIES, ids=lambda p: p.name)
+def test_explain_beyond_the_data_is_a_provisional_rest_day(
+        capsys: pytest.CaptureFixture[str], policy: Path, day: D) -> None:
+    """On New Year's Day and the Spring Festival 2027 every shipped policy denies subject
+    classes with rest_day, marked provisional (the bug: "2027-01-01 is a school day")."""
+    rc, out, err = run(capsys, "explain", "--policy", str(policy), "--path",
+                       "/classroom/subject/math", "--at", f"{day}T10:00", "--grade", "5",
+                       "--format", "json")
+    assert (rc, err) == (0, "")
+    r = json.loads(out)
+    assert (r["decision"], r["rule"], r.get("provisional")) == ("deny", "rest_day", True)
+    assert "provisional" in r["checked"][-1]["why"]
+
+
+def test_explain_text_marks_provisional(capsys: pytest.CaptureFixture[str]) -> None:
+    """The text form of a provisional answer says so in its own line."""
+    rc, out, _ = run(capsys, "explain", "--policy", str(DEFAULT_POLICY), "--path", SUBJECT,
+                     "--at", "2027-01-01T10:00", "--grade", "5")
+    assert rc == 0
+    assert "school day" not in out
+    assert any(line.strip().startswith("provisional:") for line in out.splitlines())
+
+
+def test_explain_within_the_data_is_not_provisional(capsys: pytest.CaptureFixture[str]) -> None:
+    """A covered date (2026-12-02, a Wednesday) answers without the provisional key."""
+    rc, out, _ = run(capsys, "explain", "--policy", str(DEFAULT_POLICY), "--path", SUBJECT,
+                     "--at", "2026-12-02T10:00", "--grade", "5", "--format", "json")
+    assert rc == 0
+    r = json.loads(out)
+    assert r["decision"] == "allow"
+    assert "provisional" not in r
+
+
+def test_explain_school_day_beyond_the_data_is_provisional(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """An allowed subject lesson on Monday 2027-01-04 is provisional too: the notice may
+    make it a day off in lieu."""
+    rc, out, _ = run(capsys, "explain", "--policy", str(DEFAULT_POLICY), "--path", SUBJECT,
+                     "--at", "2027-01-04T10:00", "--grade", "5", "--format", "json")
+    assert rc == 0
+    r = json.loads(out)
+    assert (r["decision"], r.get("provisional")) == ("allow", True)
+
+
+def test_calendar_2027_lists_provisional_days_and_exits_3(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """calendar 2027 --format json lists the law's days and weekends with "provisional": true
+    (only those), reports the uncovered dates on stderr and exits 3."""
+    rc, out, err = run(capsys, "calendar", "2027", "--policy", str(CLI_POLICY),
+                       "--format", "json")
+    assert rc == 3
+    assert "2027-01-01..2027-12-31" in err
+    by_date = {d["date"]: d for d in json.loads(out)}
+    assert by_date["2027-01-01"] == {"date": "2027-01-01", "reason": "holiday",
+                                     "name": "New Year's Day", "provisional": True}
+    assert by_date["2027-06-09"]["name"] == "Dragon Boat Festival"   # a Wednesday
+    assert by_date["2027-01-09"]["provisional"] is True               # a Saturday
+    assert "2027-01-04" not in by_date
+    assert all(d["provisional"] is True for d in by_date.values()
+               if d["reason"] in ("holiday", "weekend"))
+    assert all("provisional" not in d for d in by_date.values()
+               if d["reason"] in ("vacation", "extra"))
+
+
+def test_calendar_covered_year_has_no_provisional_key(capsys: pytest.CaptureFixture[str]) -> None:
+    """A supplied 2027 is official: no entry carries "provisional"."""
+    rc, out, _ = run(capsys, "calendar", "2027", "--policy", str(WITH_2027), "--format", "json")
+    assert rc == 0
+    assert all("provisional" not in d for d in json.loads(out))
+
+
+def test_calendar_include_workdays(capsys: pytest.CaptureFixture[str]) -> None:
+    """--include-workdays merges the make-up school days in, reason "workday", in date
+    order; without it the list is unchanged (closed days only)."""
+    rc, out, _ = run(capsys, "calendar", "2026", "--policy", str(CLI_POLICY), "--format",
+                     "json", "--include-workdays")
+    assert rc == 0
+    got = json.loads(out)
+    assert [d["date"] for d in got] == sorted(d["date"] for d in got)
+    work = {d["date"] for d in got if d["reason"] == "workday"}
+    # cli.yaml: 2026-12-05 is an extra workday (a Saturday)
+    assert work == {d.isoformat() for d in MAKEUP_2026} | {"2026-12-05"}
+    assert [(d["date"], d["reason"]) for d in got if d["reason"] != "workday"] == \
+        expected_2026_cli_policy()
+    rc, text, _ = run(capsys, "calendar", "2026", "--policy", str(CLI_POLICY),
+                      "--include-workdays")
+    assert "2026-02-14  workday" in text
+    assert text.splitlines()[-1] == \
+        f"{len(expected_2026_cli_policy())} days closed to subject classes in 2026"
+
+
+@pytest.mark.parametrize(("today", "warns"), [(D(2026, 10, 31), False), (D(2026, 11, 2), True),
+                                              (D(2026, 12, 1), True), (D(2027, 1, 1), True)])
+def test_check_warns_60_days_before_the_data_ends(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        today: D, warns: bool) -> None:
+    """check warns (and still exits 0) from 60 days before the calendar data ends."""
+    freeze_today(monkeypatch, today)
+    rc, out, _ = run(capsys, "check", str(DEFAULT_POLICY))
+    assert rc == 0
+    assert ("WARNING: the holiday calendar" in out) is warns
+    rc, out, _ = run(capsys, "check", str(DEFAULT_POLICY), "--format", "json")
+    assert (json.loads(out)["calendar_warning"] is not None) is warns
+
+
+def test_check_no_warning_with_next_years_file(capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the 2027 file in the policy, 2026-12-01 is far from the end: no warning."""
+    freeze_today(monkeypatch, D(2026, 12, 1))
+    rc, out, _ = run(capsys, "check", str(WITH_2027), "--format", "json")
+    assert rc == 0
+    assert json.loads(out)["calendar_warning"] is None
+
+
+def test_check_refuses_a_calendar_file_missing_a_law_day(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A 2027 file without the Spring Festival eve and Mid-Autumn is refused (exit 2), the
+    message naming both days."""
+    (tmp_path / "calendars").mkdir()
+    (tmp_path / "calendars" / "cn-2027.yaml").write_text(
+        "year: 2027\nholidays:\n"
+        "  - {name: New Year's Day, start: 2027-01-01, end: 2027-01-01}\n"
+        "  - {name: Spring Festival, start: 2027-02-06, end: 2027-02-12}\n"
+        "  - {name: Tomb-sweeping Day, start: 2027-04-05, end: 2027-04-05}\n"
+        "  - {name: Labour Day, start: 2027-05-01, end: 2027-05-05}\n"
+        "  - {name: Dragon Boat Festival, start: 2027-06-09, end: 2027-06-09}\n"
+        "  - {name: National Day, start: 2027-10-01, end: 2027-10-07}\n", encoding="utf-8")
+    policy = tmp_path / "p.yaml"
+    policy.write_text("version: 1\nrest_days:\n  calendar_files: [calendars/cn-2027.yaml]\n"
+                      "routes: [{prefix: /s/, kind: lesson, category: subject}]\n",
+                      encoding="utf-8")
+    rc, out, _ = run(capsys, "check", str(policy))
+    assert rc == 2
+    (line,) = out.splitlines()
+    assert line.startswith(f"{policy}: rest_days.calendar_files[0]: calendars/cn-2027.yaml: "
+                           "holidays: misses statutory day(s)")
+    assert "2027-02-05 (Spring Festival)" in line
+    assert "2027-09-15 (Mid-autumn Festival)" in line
+
+
+def test_shipped_example_calendar_file_passes_check(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """policies/calendars/cn-2027.example.yaml, the template for the notice, validates."""
+    example = ROOT / "policies" / "calendars" / "cn-2027.example.yaml"
+    policy = tmp_path / "p.yaml"
+    policy.write_text(f"version: 1\nrest_days:\n  calendar_files: [{example}]\n"
+                      "routes: [{prefix: /s/, kind: lesson, category: subject}]\n",
+                      encoding="utf-8")
+    rc, out, _ = run(capsys, "check", str(policy))
+    assert rc == 0, out
+
+
+def test_serve_on_new_years_day_2027_denies_and_says_provisional(tmp_path: Path) -> None:
+    """`tutorgate serve` with its clock on 2027-01-01 (faketime) warns at start, denies a
+    subject lesson with 403 rest_day and shows tutorgate_calendar_provisional 1."""
+    import shutil
+    import time
+    import urllib.error
+    import urllib.request
+
+    from kit import free_port
+
+    faketime = shutil.which("faketime")
+    assert faketime, "faketime is required (apt-get install faketime)"
+    port, admin = free_port(), free_port()
+    log = tmp_path / "serve.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [faketime, "-f", "@2027-01-01 02:00:00", str(TUTORGATE), "serve", "--policy",
+             str(DEFAULT_POLICY), "--upstream", f"http://127.0.0.1:{free_port()}",
+             "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}"],
+            stdout=subprocess.DEVNULL, stderr=err,
+            env={**os.environ, "TUTORGATE_ID_SECRET": "x", "TZ": "UTC"})
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics",
+                                            timeout=2) as r:
+                    metrics = r.read().decode()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+        assert "tutorgate_calendar_provisional 1.0" in metrics
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{SUBJECT}",
+                                     headers={"X-Student-Id": "s1", "X-Student-Grade": "5"})
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(req, timeout=5)
+        assert info.value.code == 403
+        assert json.loads(info.value.read())["rule"] == "rest_day"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+    assert "PROVISIONAL rest days" in log.read_text()
