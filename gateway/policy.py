@@ -274,6 +274,7 @@ class PolicyModel(_Model):
     mode: Literal["enforce", "shadow"] = "enforce"
     shadow_rules: tuple[ShadowRule, ...] = ()
     failure_mode: Literal["fail_closed", "fail_open"] = "fail_closed"
+    locale: Literal["zh-CN", "en"] = "zh-CN"  # denial texts when Accept-Language names neither
     identity: IdentitySettings = IdentitySettings()
     lesson: LessonSettings = LessonSettings()
     daily_max: Duration | None = None
@@ -364,6 +365,10 @@ class Policy:
     @property
     def identity(self) -> IdentitySettings:
         return self.model.identity
+
+    @property
+    def locale(self) -> Literal["zh-CN", "en"]:
+        return self.model.locale
 
     @property
     def fail_open(self) -> bool:

@@ -206,8 +206,8 @@ class Proxy:
             self.count("deny", decision.rule, route.category, region)
             if self.on_event is not None:
                 self.on_event("deny", student.key, decision.rule, route.category, region)
-            return denial(decision.rule or rules.STATE_UNAVAILABLE, decision.message,
-                          decision.retry_after, request.headers.get("Accept", ""))
+            return denial(decision.rule or rules.STATE_UNAVAILABLE, decision.retry_after,
+                          request.headers, policy.locale)
         self.count("allow", None, route.category, region)
         lesson = None
         if route.kind == "lesson" and student.key is not None and decision.step is not None:
@@ -292,8 +292,8 @@ class Proxy:
                       ) -> web.StreamResponse:
         assert self.session is not None
         if self.max_body is not None and (request.content_length or 0) > self.max_body:
-            return denial("body_too_large", f"request body over {self.max_body} bytes", None,
-                          request.headers.get("Accept", ""), status=413)
+            return denial("body_too_large", None, request.headers, self.rt.policy.locale,
+                          status=413)
         url = URL(self._base + request.raw_path, encoded=True)
         headers = upstream_headers(request)
         data: Any = None
@@ -308,8 +308,8 @@ class Proxy:
                 timeout=self._timeout(read_timeout),
                 compress=None, chunked=None, auto_decompress=False)
         except _BodyTooLarge:
-            return denial("body_too_large", f"request body over {self.max_body} bytes", None,
-                          request.headers.get("Accept", ""), status=413)
+            return denial("body_too_large", None, request.headers, self.rt.policy.locale,
+                          status=413)
         except TimeoutError:
             return self._upstream_error(request, "timeout", 504)
         except (aiohttp.ClientError, OSError) as e:
@@ -331,8 +331,8 @@ class Proxy:
 
     def _upstream_error(self, request: web.Request, reason: str, status: int) -> web.Response:
         self.metrics.upstream_errors.labels(reason).inc()
-        return denial(rules.UPSTREAM_ERROR, rules.MESSAGES[rules.UPSTREAM_ERROR], None,
-                      request.headers.get("Accept", ""), status=status)
+        return denial(rules.UPSTREAM_ERROR, None, request.headers, self.rt.policy.locale,
+                      status=status)
 
     async def _respond(self, request: web.Request, up: aiohttp.ClientResponse,
                        lesson: Lesson | None,
