@@ -96,7 +96,7 @@ class PageWords:
     html_lang: str
     wait: str          # "{time}" is replaced by the formatted wait
     home: str
-    rule: str
+    rule: str          # before the rule code, colon included
     day: str
     hour: str
     minute: str
@@ -106,9 +106,9 @@ class PageWords:
 
 
 PAGE: Final[dict[Locale, PageWords]] = {
-    "zh-CN": PageWords("zh-CN", "还需等待 {time}。", "返回首页", "规则", "天", "小时", "分钟",
+    "zh-CN": PageWords("zh-CN", "还需等待 {time}。", "返回首页", "规则：", "天", "小时", "分钟",
                        "分", "秒", " "),
-    "en": PageWords("en", "Please wait {time}.", "Back to the home page", "rule", "d", "h",
+    "en": PageWords("en", "Please wait {time}.", "Back to the home page", "rule: ", "d", "h",
                     "min", "min", "s", " "),
 }
 

@@ -106,7 +106,7 @@ max-width:28em;box-shadow:0 2px 12px #0001;text-align:center}}h1{{color:#2a7a4b}
 border-radius:6px;text-decoration:none}}.rule{{color:#889;font-size:.8em}}</style></head>
 <body><main><h1>{title}</h1><p>{text}</p>{wait}
 <p><a class=home href="{home}">{home_text}</a></p>
-<p class=rule>{rule_word}: {rule}</p></main>
+<p class=rule>{rule_word}{rule}</p></main>
 <script>
 (function(){{var r={retry};if(r===null)return;var e=document.getElementById('w');
 var u={units};function f(n,k){{return n+u.sep+u[k]}}
