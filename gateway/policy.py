@@ -32,6 +32,7 @@ from pydantic import (
 from .calendar import CalendarYear, Holiday, NationalCalendar, RestCalendar, Vacation
 from .clock import ClockLimits
 from .errors import PolicyError
+from .messages import Locale
 
 # ---------------------------------------------------------------- scalars
 
@@ -274,7 +275,7 @@ class PolicyModel(_Model):
     mode: Literal["enforce", "shadow"] = "enforce"
     shadow_rules: tuple[ShadowRule, ...] = ()
     failure_mode: Literal["fail_closed", "fail_open"] = "fail_closed"
-    locale: Literal["zh-CN", "en"] = "zh-CN"  # denial texts when Accept-Language names neither
+    locale: Locale = "zh-CN"  # denial texts when Accept-Language names neither
     identity: IdentitySettings = IdentitySettings()
     lesson: LessonSettings = LessonSettings()
     daily_max: Duration | None = None
@@ -367,7 +368,7 @@ class Policy:
         return self.model.identity
 
     @property
-    def locale(self) -> Literal["zh-CN", "en"]:
+    def locale(self) -> Locale:
         return self.model.locale
 
     @property
