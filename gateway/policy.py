@@ -42,6 +42,7 @@ from .calendar import (
 )
 from .clock import ClockLimits
 from .errors import PolicyError
+from .messages import Locale
 
 # ---------------------------------------------------------------- scalars
 
@@ -284,6 +285,7 @@ class PolicyModel(_Model):
     mode: Literal["enforce", "shadow"] = "enforce"
     shadow_rules: tuple[ShadowRule, ...] = ()
     failure_mode: Literal["fail_closed", "fail_open"] = "fail_closed"
+    locale: Locale = "zh-CN"  # denial texts when Accept-Language names neither
     identity: IdentitySettings = IdentitySettings()
     lesson: LessonSettings = LessonSettings()
     daily_max: Duration | None = None
@@ -374,6 +376,10 @@ class Policy:
     @property
     def identity(self) -> IdentitySettings:
         return self.model.identity
+
+    @property
+    def locale(self) -> Locale:
+        return self.model.locale
 
     @property
     def fail_open(self) -> bool:

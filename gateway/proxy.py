@@ -217,8 +217,8 @@ class Proxy:
                      extra={"rule": decision.rule})
             if self.on_event is not None:
                 self.on_event("deny", student.key, decision.rule, route.category, region)
-            return denial(decision.rule or rules.STATE_UNAVAILABLE, decision.message,
-                          decision.retry_after, request.headers.get("Accept", ""))
+            return denial(decision.rule or rules.STATE_UNAVAILABLE, decision.retry_after,
+                          request.headers, policy.locale)
         self.count("allow", None, route.category, region)
         lesson = None
         if route.kind == "lesson" and student.key is not None and decision.step is not None:
@@ -303,8 +303,8 @@ class Proxy:
                       ) -> web.StreamResponse:
         assert self.session is not None
         if self.max_body is not None and (request.content_length or 0) > self.max_body:
-            return denial("body_too_large", f"request body over {self.max_body} bytes", None,
-                          request.headers.get("Accept", ""), status=413)
+            return denial("body_too_large", None, request.headers, self.rt.policy.locale,
+                          status=413)
         url = URL(self._base + request.raw_path, encoded=True)
         headers = upstream_headers(request)
         data: Any = None
@@ -322,8 +322,8 @@ class Proxy:
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             # the client wraps the body's own error: ask the body what happened
             if body is not None and body.over:
-                return denial("body_too_large", f"request body over {self.max_body} bytes",
-                              None, request.headers.get("Accept", ""), status=413)
+                return denial("body_too_large", None, request.headers, self.rt.policy.locale,
+                              status=413)
             if isinstance(e, TimeoutError):
                 return self._upstream_error(request, "timeout", 504)
             log.warning("upstream request failed: %s: %s", type(e).__name__, e)
@@ -336,8 +336,8 @@ class Proxy:
 
     def _upstream_error(self, request: web.Request, reason: str, status: int) -> web.Response:
         self.metrics.upstream_errors.labels(reason).inc()
-        return denial(rules.UPSTREAM_ERROR, rules.MESSAGES[rules.UPSTREAM_ERROR], None,
-                      request.headers.get("Accept", ""), status=status)
+        return denial(rules.UPSTREAM_ERROR, None, request.headers, self.rt.policy.locale,
+                      status=status)
 
     async def _respond(self, request: web.Request, up: aiohttp.ClientResponse,
                        lesson: Lesson | None,

@@ -1,28 +1,25 @@
-"""Denial responses: JSON for API clients, a short Chinese page for browsers."""
+"""Denial responses: JSON for API clients, a short page for browsers, in the
+language `Accept-Language` asks for (messages.py holds the words)."""
 
 from __future__ import annotations
 
 import html
 import json
 import math
+from collections.abc import Mapping
 
 from aiohttp import web
 
-from . import rules
+from . import messages, rules
+from .messages import Locale
 
-# What a student reads (the JSON message stays English for API clients).
-ZH = {
-    rules.FORBIDDEN_FEATURE: ("此功能不提供", "按照规定，平台不提供“拍照搜题”等功能。"),
-    rules.IDENTITY_REQUIRED: ("请先登录", "上课需要先登录学生账号。"),
-    rules.BAD_IDENTITY: ("身份信息有误", "学生账号或年级信息格式不正确，请重新登录。"),
-    rules.PRESCHOOL: ("学龄前儿童不提供线上培训", "按照规定，不对学龄前儿童开展线上培训。"),
-    rules.CURFEW: ("今天的课程已结束", "线上培训每天结束时间已到，请早点休息。"),
-    rules.REST_DAY: ("今天是休息日", "休息日、节假日和寒暑假不开展学科类培训。"),
-    rules.DAILY_LIMIT: ("今天的上课时间已用完", "今天的线上学习时间已达上限，明天再来吧。"),
-    rules.BREAK_REQUIRED: ("课间休息", "每节课后需要休息一会儿，起来活动活动，看看远处。"),
-    rules.STATE_UNAVAILABLE: ("服务暂时不可用", "系统暂时无法确认上课状态，请稍后再试。"),
-    rules.UPSTREAM_ERROR: ("服务暂时不可用", "课程服务没有响应，请稍后再试。"),
-}
+# A small tree on green, inline: the page needs no second request for an icon.
+FAVICON = ("data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 32 32'%3E"
+           "%3Crect width='32' height='32' rx='7' fill='%232a7a4b'/%3E"
+           "%3Cpath d='M16 5l8 11h-5l5 7H8l5-7H8z' fill='%23fff'/%3E"
+           "%3Crect x='14.5' y='23' width='3' height='5' fill='%23fff'/%3E%3C/svg%3E")
+# Where a denial page leads back to: the platform's home.
+HOME = "/"
 
 
 def whole_seconds_up(seconds: float | None) -> int | None:
@@ -57,49 +54,67 @@ def prefers_html(accept: str) -> bool:
     return best_html > best_json
 
 
-def _fmt_wait(seconds: int) -> str:
-    if seconds >= 3600:
-        return f"{seconds // 3600} 小时 {seconds % 3600 // 60} 分钟"
-    if seconds >= 60:
-        return f"{seconds // 60} 分 {seconds % 60} 秒"
-    return f"{seconds} 秒"
-
-
-def denial(rule: str, message: str, retry_after: float | None, accept: str,
-           status: int | None = None) -> web.Response:
+def denial(rule: str, retry_after: float | None, headers: Mapping[str, str],
+           locale: Locale, status: int | None = None) -> web.Response:
+    """The answer to a denied request: its status, `Retry-After`, and a body
+    in the request's language (`Accept-Language`, else the policy's `locale`)."""
     retry = whole_seconds_up(retry_after)
-    headers = {"Cache-Control": "no-store"}
+    lang = messages.choose(headers.get("Accept-Language", ""), locale)
+    words = messages.text(rule, lang)
+    out = {"Cache-Control": "no-store", "Content-Language": lang,
+           "Vary": "Accept, Accept-Language"}
     if retry is not None:
-        headers["Retry-After"] = str(retry)
+        out["Retry-After"] = str(retry)
     status = status or rules.STATUS.get(rule, 403)
-    if prefers_html(accept):
-        title, text = ZH.get(rule, ("无法访问", message))
-        wait = f"<p class=wait>还需等待 <b id=w>{_fmt_wait(retry)}</b>。</p>" if retry else ""
-        page = _PAGE.format(title=html.escape(title), text=html.escape(text), wait=wait,
-                            rule=html.escape(rule), retry=retry if retry is not None else "null")
-        return web.Response(status=status, text=page, content_type="text/html",
-                            charset="utf-8", headers=headers)
-    body = json.dumps({"rule": rule, "message": message, "retry_after": retry},
+    if prefers_html(headers.get("Accept", "")):
+        return web.Response(status=status, text=page(rule, retry, lang),
+                            content_type="text/html", charset="utf-8", headers=out)
+    body = json.dumps({"rule": rule, "message": words.message, "retry_after": retry},
                       ensure_ascii=False)
     return web.Response(status=status, text=body, content_type="application/json",
-                        headers=headers)
+                        headers=out)
 
 
+def page(rule: str, retry: int | None, lang: Locale) -> str:
+    """The denial page: what happened, how long to wait (counting down, then
+    reloading), and the way back home."""
+    w = messages.PAGE[lang]
+    t = messages.text(rule, lang)
+    wait = ""
+    if retry:
+        when = f"<b id=w>{html.escape(messages.format_wait(retry, lang))}</b>"
+        wait = f"<p class=wait>{html.escape(w.wait).replace('{time}', when)}</p>"
+    units = json.dumps({"d": w.day, "h": w.hour, "m": w.minute, "ms": w.minute_short,
+                        "s": w.second, "sep": w.sep}, ensure_ascii=False)
+    return _PAGE.format(lang=w.html_lang, title=html.escape(t.title),
+                        text=html.escape(t.message), wait=wait, home=HOME,
+                        home_text=html.escape(w.home), rule_word=html.escape(w.rule),
+                        rule=html.escape(rule), favicon=FAVICON,
+                        retry=retry if retry else "null", units=units)
+
+
+# The countdown mirrors messages.format_wait; at 0 the page asks again.
 _PAGE = """<!doctype html>
-<html lang="zh-CN"><head><meta charset="utf-8">
+<html lang="{lang}"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width,initial-scale=1">
-<title>{title}</title>
-<style>body{{font-family:system-ui,"PingFang SC","Microsoft YaHei",sans-serif;
-background:#f4f8f4;color:#234;display:flex;min-height:90vh;align-items:center;
+<title>{title}</title><link rel="icon" href="{favicon}">
+<style>body{{font-family:system-ui,"PingFang SC","Microsoft YaHei","WenQuanYi Micro Hei",
+sans-serif;background:#f4f8f4;color:#234;display:flex;min-height:90vh;align-items:center;
 justify-content:center}}main{{background:#fff;border-radius:12px;padding:2em 2.5em;
 max-width:28em;box-shadow:0 2px 12px #0001;text-align:center}}h1{{color:#2a7a4b}}
-.rule{{color:#889;font-size:.8em}}</style></head>
+.home{{display:inline-block;margin-top:.5em;background:#2a7a4b;color:#fff;padding:.4em .9em;
+border-radius:6px;text-decoration:none}}.rule{{color:#889;font-size:.8em}}</style></head>
 <body><main><h1>{title}</h1><p>{text}</p>{wait}
-<p class=rule>rule: {rule}</p></main>
+<p><a class=home href="{home}">{home_text}</a></p>
+<p class=rule>{rule_word}{rule}</p></main>
 <script>
 (function(){{var r={retry};if(r===null)return;var e=document.getElementById('w');
-var t=Date.now()+r*1000;setInterval(function(){{var s=Math.max(0,Math.ceil((t-Date.now())/1000));
-e.textContent=s>=60?Math.floor(s/60)+' 分 '+(s%60)+' 秒':s+' 秒';
-if(s===0)location.reload();}},1000);}})();
+var u={units};function f(n,k){{return n+u.sep+u[k]}}
+function fmt(s){{if(s>=86400)return f(Math.floor(s/86400),'d')+' '+f(Math.floor(s%86400/3600),'h');
+if(s>=3600)return f(Math.floor(s/3600),'h')+' '+f(Math.floor(s%3600/60),'m');
+if(s>=60)return f(Math.floor(s/60),'ms')+' '+f(s%60,'s');return f(s,'s')}}
+var t=Date.now()+r*1000;var i=setInterval(function(){{
+var s=Math.max(0,Math.ceil((t-Date.now())/1000));e.textContent=fmt(s);
+if(s===0){{clearInterval(i);location.reload()}}}},1000);}})();
 </script></body></html>
 """

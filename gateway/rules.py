@@ -40,19 +40,7 @@ STATUS = {
     UPSTREAM_ERROR: 502,
 }
 
-MESSAGES = {
-    FORBIDDEN_FEATURE: "This feature is not offered (photo search for answers and similar "
-                       "features are forbidden).",
-    IDENTITY_REQUIRED: "A signed-in student is required for lessons.",
-    BAD_IDENTITY: "The student id or grade is malformed.",
-    PRESCHOOL: "No online training for preschool children.",
-    CURFEW: "Online training is closed for the night.",
-    REST_DAY: "No subject classes on rest days, holidays or vacations.",
-    DAILY_LIMIT: "Today's lesson time is used up.",
-    BREAK_REQUIRED: "Time for a break before the next lesson.",
-    STATE_UNAVAILABLE: "Lesson state is unavailable; please try again shortly.",
-    UPSTREAM_ERROR: "The tutoring service did not answer.",
-}
+# What a person reads for each code is in messages.py (zh-CN and en).
 
 Grade = int | Literal["preschool"]
 
@@ -94,10 +82,6 @@ class Decision:
     @property
     def status(self) -> int:
         return 200 if self.allowed else STATUS[self.rule or STATE_UNAVAILABLE]
-
-    @property
-    def message(self) -> str:
-        return MESSAGES.get(self.rule or "", "")
 
 
 # Not frozen: a frozen dataclass's __init__ costs ~5x on the per-request path;

@@ -12,6 +12,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from . import rules
 from .clock import in_lesson, lesson_end
@@ -35,20 +36,20 @@ def _down(x: float) -> int:
 
 async def student_status(gw: Gateway, request: web.Request) -> web.Response:
     rt = gw.runtime
+    policy = rt.policy
     student = rt.identify(request.headers, request.cookies)
-    accept = request.headers.get("Accept", "")
     if student.problem is not None:
         rule = rules.IDENTITY_REQUIRED if student.problem == "missing" else rules.BAD_IDENTITY
-        return denial(rule, rules.MESSAGES[rule], None, "application/json")
+        json_only = CIMultiDict(request.headers)
+        json_only["Accept"] = "application/json"  # an API: never the page
+        return denial(rule, None, json_only, policy.locale)
     assert student.key is not None
-    policy = rt.policy
     grade = student.grade
     profile = policy.profile(student.region, stage_of(grade) if isinstance(grade, int) else None)
     try:
         state, now = await gw.store.peek(student.key)
     except StoreUnavailable:
-        return denial(rules.STATE_UNAVAILABLE, rules.MESSAGES[rules.STATE_UNAVAILABLE], None,
-                      accept)
+        return denial(rules.STATE_UNAVAILABLE, None, request.headers, policy.locale)
     limits = rules.clock_limits(policy, profile)
     inside, to_end, to_start = rules.curfew_times(profile, now)
     today, _ = rules.local_day(profile, now)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import os
 import signal
 import socket
+from collections.abc import AsyncIterator
 from importlib import resources
 from zoneinfo import ZoneInfo
 
@@ -64,32 +66,43 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def run_demo(listen: tuple[str, int], admin: tuple[str, int]) -> int:
+@contextlib.asynccontextmanager
+async def demo_running(listen: tuple[str, int], admin: tuple[str, int],
+                       policy: Policy | None = None) -> AsyncIterator[Gateway]:
+    """The demo site behind a gateway on `listen` (in memory), until the block
+    ends. `policy` defaults to the packaged demo policy (tests pass short ones)."""
     site_port = _free_port()
     site = web.AppRunner(make_site(), access_log=None)
     await site.setup()
     await web.TCPSite(site, "127.0.0.1", site_port).start()
     settings = Settings(policy_path="", upstream=f"http://127.0.0.1:{site_port}",
                         listen=listen, admin_listen=admin, id_secret=os.urandom(32))
-    gw = Gateway(settings, demo_policy())
+    gw = Gateway(settings, policy or demo_policy())
     app = gw.main_app()
     app.middlewares.append(demo_auth)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     admin_runner = web.AppRunner(gw.admin_app(), access_log=None, handle_signals=False)
     await runner.setup()
     await admin_runner.setup()
-    await web.TCPSite(runner, *listen).start()
-    await web.TCPSite(admin_runner, *admin).start()
-    log.info("state store: in process memory (demo)")
-    print(f"tutorgate demo: open http://{listen[0]}:{listen[1]}/  "
-          f"(metrics: http://{admin[0]}:{admin[1]}/metrics; Ctrl-C to stop)", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await gw.live.close_all("shutdown")
-    await runner.cleanup()
-    await admin_runner.cleanup()
-    await site.cleanup()
+    try:
+        await web.TCPSite(runner, *listen).start()
+        await web.TCPSite(admin_runner, *admin).start()
+        yield gw
+    finally:
+        await gw.live.close_all("shutdown")
+        await runner.cleanup()
+        await admin_runner.cleanup()
+        await site.cleanup()
+
+
+async def run_demo(listen: tuple[str, int], admin: tuple[str, int]) -> int:
+    async with demo_running(listen, admin):
+        log.info("state store: in process memory (demo)")
+        print(f"tutorgate demo: open http://{listen[0]}:{listen[1]}/  "
+              f"(metrics: http://{admin[0]}:{admin[1]}/metrics; Ctrl-C to stop)", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
     return 0
