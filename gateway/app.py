@@ -14,7 +14,6 @@ import gc
 import logging
 import os
 import signal
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -53,8 +52,10 @@ class Gateway:
         secret = settings.id_secret or os.urandom(32)
         self.pseudonym = Pseudonymizer(secret)
         self.store = store or self._make_store()
-        self.live = LiveRegistry(self.store, self.metrics)
-        self.activity = ActivityView()
+        # the one clock every deadline of this process is computed on
+        self.clock = self.store.clock
+        self.live = LiveRegistry(self.store, self.metrics, self.clock)
+        self.activity = ActivityView(self.clock.now)
         self.policy_dir = Path(settings.policy_path).parent if settings.policy_path else None
         self.runtime = Runtime(policy, make_identify(policy.identity, self.pseudonym,
                                                      self.policy_dir))
@@ -65,7 +66,8 @@ class Gateway:
         self.audit: AuditWriter | None = None
         if settings.redis_url:
             self.audit = AuditWriter(settings.redis_url, settings.instance_name, self.metrics,
-                                     policy.model.timezone, settings.audit_retention_days)
+                                     policy.model.timezone, settings.audit_retention_days,
+                                     clock=self.clock)
             self.proxy.on_event = self.audit.record
             self.live.on_cut_event = self._audit_cut
         self._policy_stamp = self._stamp()
@@ -221,7 +223,7 @@ class Gateway:
     async def curfew_cut(self) -> None:
         """Backstop for the per-connection timers: at a curfew start, cut
         every connection whose profile is now inside its curfew."""
-        now = time.time()
+        now = self.clock.now()
         for conn in self.live.all():
             if conn.student is None:
                 continue

@@ -33,6 +33,7 @@ from .metrics import Metrics
 from .policy import Policy, Route
 from .responses import denial
 from .store.base import StateStore
+from .timesource import Clock
 
 log = logging.getLogger("tutorgate.proxy")
 
@@ -101,6 +102,8 @@ class Proxy:
                  on_event: Callable[..., None] | None = None) -> None:
         self.rt = runtime
         self.store = store
+        # The store's clock: the curfew check and every deadline use it.
+        self.clock: Clock = store.clock
         self.metrics = metrics
         self.live = live
         self.activity = activity
@@ -178,7 +181,7 @@ class Proxy:
                 self.metrics.unknown_region.inc()
         else:
             student = rules.Student(problem="missing")
-        now = time.time()
+        now = self.clock.now()
         pre = rules.precheck(policy, route, student, now)
         conn_id = new_conn_id() if ws else None
         if isinstance(pre, rules.Pending):
@@ -266,7 +269,7 @@ class Proxy:
     async def sweep_ended(self) -> None:
         """Report the lessons this instance started that are over by now
         (limit or quiet time) although no next lesson has closed them."""
-        now = time.time()
+        now = self.clock.now()
         for key, (start, limits, category, region) in list(self.owned.items()):
             # the local view first: a lesson plainly going on needs no look
             if now < start + limits.max_duration and \
@@ -391,7 +394,7 @@ class Proxy:
 
         conn = LiveConn(lesson.key, new_conn_id(), "stream", close, held=False,
                         student=lesson.student, route=lesson.route)
-        deadline, rule = deadline_of(lesson.decision)
+        deadline, rule = deadline_of(lesson.decision, self.clock)
         self.live.add(conn, deadline, rule)
         return conn
 
@@ -424,7 +427,7 @@ class Proxy:
             ws.headers["X-Lesson-Remaining"] = str(
                 max(math.floor(lesson.decision.lesson_remaining or 0.0), 0))
             # live connections also get the exact cut-off time (Unix seconds)
-            ws.headers["X-Lesson-Deadline"] = f"{deadline_of(lesson.decision)[0]:.3f}"
+            ws.headers["X-Lesson-Deadline"] = f"{deadline_of(lesson.decision, self.clock)[0]:.3f}"
         await ws.prepare(request)
         conn: LiveConn | None = None
         if lesson is not None:
@@ -437,7 +440,7 @@ class Proxy:
             conn = LiveConn(lesson.key, lesson.conn_id or new_conn_id(), "websocket", close,
                             held=lesson.conn_id is not None, student=lesson.student,
                             route=lesson.route)
-            deadline, rule = deadline_of(lesson.decision)
+            deadline, rule = deadline_of(lesson.decision, self.clock)
             self.live.add(conn, deadline, rule)
         else:
             self.live.untracked.add((ws, up_ws))
@@ -464,9 +467,10 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def deadline_of(decision: rules.Decision) -> tuple[float, str]:
-    """When a lesson connection must close, and the rule that closes it."""
-    now = decision.step.now if decision.step is not None else time.time()
+def deadline_of(decision: rules.Decision, clock: Clock) -> tuple[float, str]:
+    """When a lesson connection must close (on the store's clock), and the
+    rule that closes it."""
+    now = decision.step.now if decision.step is not None else clock.now()
     return now + (decision.lesson_remaining or 0.0), decision.end_rule
 
 
