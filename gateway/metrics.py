@@ -197,6 +197,10 @@ class Metrics:
         self.audit_failures = Counter(
             "tutorgate_audit_write_failures_total", "Audit events that could not be written.",
             registry=r)
+        self.audit_dropped = Counter(
+            "tutorgate_audit_dropped_total",
+            "Audit events lost unwritten: the buffer's bound was hit (Redis down for long) "
+            "or they were still buffered at shutdown.", ["reason"], registry=r)
 
     def prime(self, region_labels: Sequence[str], shadowed: Sequence[str] = ()) -> None:
         """Create the series a dashboard asks about before their first event.
