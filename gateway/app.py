@@ -27,10 +27,17 @@ from .audit import AuditWriter
 from .clock import lesson_remaining
 from .errors import PolicyError, StoreUnavailable
 from .fleet import POLICY_KEY, follow
-from .identity import Pseudonymizer, make_identify
+from .identity import Identify, Pseudonymizer, make_identify
 from .live import LiveConn, LiveRegistry
 from .metrics import Metrics
-from .policy import Policy, load_policy, parse_policy
+from .policy import (
+    Policy,
+    decode_text,
+    load_policy,
+    parse_policy,
+    read_policy_text,
+    relative_reader,
+)
 from .proxy import Proxy, Runtime
 from .scheduler import Scheduler
 from .settings import Settings
@@ -125,10 +132,11 @@ class Gateway:
         self.metrics.calendar_covered_until.set(
             dt.datetime.combine(until, dt.time(0), tzinfo=dt.UTC).timestamp())
 
-    def apply_policy(self, policy: Policy) -> None:
+    def apply_policy(self, policy: Policy, identify: Identify | None = None) -> None:
         """Swap the live policy: the next decision uses it. Open connections
         get deadlines under it (reschedule_live)."""
-        identify = make_identify(policy.identity, self.pseudonym, self.policy_dir)
+        if identify is None:
+            identify = make_identify(policy.identity, self.pseudonym, self.policy_dir)
         self.runtime = Runtime(policy, identify)
         self.proxy.rt = self.runtime
         self._show_policy(policy)
@@ -143,28 +151,35 @@ class Gateway:
         """Validate and apply; an invalid policy is refused and counted, and
         the old one stays live."""
         try:
-            policy = parse_policy(text, source, self._read_relative)
+            # what it names (key variables and files, calendar files) is
+            # checked here too: a reload must not fail after it was accepted
+            policy = parse_policy(text, source, relative_reader(self.policy_dir or Path(".")),
+                                  os.environ.get)
+            if policy.sha == self.policy.sha:
+                return True
+            try:
+                identify = make_identify(policy.identity, self.pseudonym, self.policy_dir)
+            except (OSError, ValueError) as e:  # the key changed since the check
+                raise PolicyError(source, [("identity.jwt", f"cannot load the key: {e}",
+                                            None)]) from None
         except PolicyError as e:
-            self.metrics.policy_reload_failures.inc()
-            for line in e.lines():
-                log.error("policy reload refused: %s", line)
+            self.refuse(e)
             return False
-        if policy.sha == self.policy.sha:
-            return True
-        self.apply_policy(policy)
+        self.apply_policy(policy, identify)
         return True
 
-    def _read_relative(self, rel: str) -> str:
-        base = self.policy_dir or Path(".")
-        return (base / rel).read_text(encoding="utf-8")
+    def refuse(self, e: PolicyError) -> None:
+        """A policy that is not applied: counted, one ERROR line per problem."""
+        self.metrics.policy_reload_failures.inc()
+        for line in e.lines():
+            log.error("policy reload refused: %s", line)
 
     def reload_file(self) -> bool:
         path = self.settings.policy_path
         try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as e:
-            self.metrics.policy_reload_failures.inc()
-            log.error("policy reload refused: %s: cannot read: %s", path, e)
+            text = read_policy_text(path)
+        except PolicyError as e:
+            self.refuse(e)
             return False
         return self.reload_text(text, path)
 
@@ -182,12 +197,20 @@ class Gateway:
             self._policy_time = max(self._policy_time, stamp[0])
             self.reload_file()
 
-    def apply_pushed(self, text: str, pushed_at: float) -> None:
-        """A policy published with `tutorgate policy push` (fleet-wide)."""
+    def apply_pushed(self, raw: bytes, pushed_at: float) -> None:
+        """A policy published with `tutorgate policy push` (fleet-wide).
+        Anything may be in Redis: a text that is not UTF-8 is refused and
+        counted like any invalid policy."""
         if pushed_at <= self._policy_time:
             return
         self._policy_time = pushed_at
-        self.reload_text(text, "redis:" + POLICY_KEY)
+        source = "redis:" + POLICY_KEY
+        try:
+            text = decode_text(raw, "the pushed policy")
+        except ValueError as e:
+            self.refuse(PolicyError(source, [("", str(e), None)]))
+            return
+        self.reload_text(text, source)
 
     async def reschedule_live(self) -> None:
         """Recompute every open lesson connection's deadline under the live
