@@ -7,15 +7,16 @@ are long over, so nothing runs per request beyond one dict write.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from .clock import ClockLimits
+from .timesource import SystemClock
 
 
 class ActivityView:
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self._clock = clock
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        # the store's clock: lesson starts and activity are on it
+        self._clock = clock or SystemClock().now
         # key -> (lesson start, last seen activity, limits)
         self._lessons: dict[str, tuple[float, float, ClockLimits]] = {}
         # key -> end of the break we told the student to take

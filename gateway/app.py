@@ -14,7 +14,6 @@ import gc
 import logging
 import os
 import signal
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -28,10 +27,17 @@ from .audit import AuditWriter
 from .clock import lesson_remaining
 from .errors import PolicyError, StoreUnavailable
 from .fleet import POLICY_KEY, follow
-from .identity import Pseudonymizer, make_identify
+from .identity import Identify, Pseudonymizer, make_identify
 from .live import LiveConn, LiveRegistry
 from .metrics import Metrics
-from .policy import Policy, load_policy, parse_policy
+from .policy import (
+    Policy,
+    decode_text,
+    load_policy,
+    parse_policy,
+    read_policy_text,
+    relative_reader,
+)
 from .proxy import Proxy, Runtime
 from .scheduler import Scheduler
 from .server import (
@@ -60,8 +66,10 @@ class Gateway:
         secret = settings.id_secret or os.urandom(32)
         self.pseudonym = Pseudonymizer(secret)
         self.store = store or self._make_store()
-        self.live = LiveRegistry(self.store, self.metrics)
-        self.activity = ActivityView()
+        # the one clock every deadline of this process is computed on
+        self.clock = self.store.clock
+        self.live = LiveRegistry(self.store, self.metrics, self.clock)
+        self.activity = ActivityView(self.clock.now)
         self.policy_dir = Path(settings.policy_path).parent if settings.policy_path else None
         self.runtime = Runtime(policy, make_identify(policy.identity, self.pseudonym,
                                                      self.policy_dir))
@@ -73,7 +81,8 @@ class Gateway:
         self.audit: AuditWriter | None = None
         if settings.redis_url:
             self.audit = AuditWriter(settings.redis_url, settings.instance_name, self.metrics,
-                                     policy.model.timezone, settings.audit_retention_days)
+                                     policy.model.timezone, settings.audit_retention_days,
+                                     clock=self.clock)
             self.proxy.on_event = self.audit.record
             self.live.on_cut_event = self._audit_cut
         self._policy_stamp = self._stamp()
@@ -131,10 +140,11 @@ class Gateway:
         self.metrics.calendar_covered_until.set(
             dt.datetime.combine(until, dt.time(0), tzinfo=dt.UTC).timestamp())
 
-    def apply_policy(self, policy: Policy) -> None:
+    def apply_policy(self, policy: Policy, identify: Identify | None = None) -> None:
         """Swap the live policy: the next decision uses it. Open connections
         get deadlines under it (reschedule_live)."""
-        identify = make_identify(policy.identity, self.pseudonym, self.policy_dir)
+        if identify is None:
+            identify = make_identify(policy.identity, self.pseudonym, self.policy_dir)
         self.runtime = Runtime(policy, identify)
         self.proxy.rt = self.runtime
         self._show_policy(policy)
@@ -149,28 +159,35 @@ class Gateway:
         """Validate and apply; an invalid policy is refused and counted, and
         the old one stays live."""
         try:
-            policy = parse_policy(text, source, self._read_relative)
+            # what it names (key variables and files, calendar files) is
+            # checked here too: a reload must not fail after it was accepted
+            policy = parse_policy(text, source, relative_reader(self.policy_dir or Path(".")),
+                                  os.environ.get)
+            if policy.sha == self.policy.sha:
+                return True
+            try:
+                identify = make_identify(policy.identity, self.pseudonym, self.policy_dir)
+            except (OSError, ValueError) as e:  # the key changed since the check
+                raise PolicyError(source, [("identity.jwt", f"cannot load the key: {e}",
+                                            None)]) from None
         except PolicyError as e:
-            self.metrics.policy_reload_failures.inc()
-            for line in e.lines():
-                log.error("policy reload refused: %s", line)
+            self.refuse(e)
             return False
-        if policy.sha == self.policy.sha:
-            return True
-        self.apply_policy(policy)
+        self.apply_policy(policy, identify)
         return True
 
-    def _read_relative(self, rel: str) -> str:
-        base = self.policy_dir or Path(".")
-        return (base / rel).read_text(encoding="utf-8")
+    def refuse(self, e: PolicyError) -> None:
+        """A policy that is not applied: counted, one ERROR line per problem."""
+        self.metrics.policy_reload_failures.inc()
+        for line in e.lines():
+            log.error("policy reload refused: %s", line)
 
     def reload_file(self) -> bool:
         path = self.settings.policy_path
         try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as e:
-            self.metrics.policy_reload_failures.inc()
-            log.error("policy reload refused: %s: cannot read: %s", path, e)
+            text = read_policy_text(path)
+        except PolicyError as e:
+            self.refuse(e)
             return False
         return self.reload_text(text, path)
 
@@ -188,12 +205,20 @@ class Gateway:
             self._policy_time = max(self._policy_time, stamp[0])
             self.reload_file()
 
-    def apply_pushed(self, text: str, pushed_at: float) -> None:
-        """A policy published with `tutorgate policy push` (fleet-wide)."""
+    def apply_pushed(self, raw: bytes, pushed_at: float) -> None:
+        """A policy published with `tutorgate policy push` (fleet-wide).
+        Anything may be in Redis: a text that is not UTF-8 is refused and
+        counted like any invalid policy."""
         if pushed_at <= self._policy_time:
             return
         self._policy_time = pushed_at
-        self.reload_text(text, "redis:" + POLICY_KEY)
+        source = "redis:" + POLICY_KEY
+        try:
+            text = decode_text(raw, "the pushed policy")
+        except ValueError as e:
+            self.refuse(PolicyError(source, [("", str(e), None)]))
+            return
+        self.reload_text(text, source)
 
     async def reschedule_live(self) -> None:
         """Recompute every open lesson connection's deadline under the live
@@ -229,7 +254,7 @@ class Gateway:
     async def curfew_cut(self) -> None:
         """Backstop for the per-connection timers: at a curfew start, cut
         every connection whose profile is now inside its curfew."""
-        now = time.time()
+        now = self.clock.now()
         for conn in self.live.all():
             if conn.student is None:
                 continue
@@ -251,7 +276,7 @@ class Gateway:
         """1 while some profile's local today lies beyond the official calendar
         data, so its rest-day decisions rest on the law's fallback (read at
         scrape time: no job has to run at midnight)."""
-        now = time.time()
+        now = self.clock.now()
         for p in self.policy.profiles.values():
             if not p.calendar.covers(dt.datetime.fromtimestamp(now, p.tz).date()):
                 return 1.0

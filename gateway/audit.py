@@ -2,10 +2,19 @@
 
 Events (lesson_start, lesson_end, deny, cut) carry the time, the student's
 keyed hash (never the id), region, category, rule, policy version and the
-gateway instance. They are buffered and written in one pipelined batch a
-few times a second, so the hot path gains no round trip; the stream is
-trimmed by age (MINID) as it is written. `tutorgate audit export` and
-`audit report` read it back for an inspection.
+gateway instance. They are buffered and written in pipelined batches a few
+times a second, so the hot path gains no round trip; the stream is trimmed
+by age (MINID) as it is written. `tutorgate audit export` and `audit report`
+read it back for an inspection.
+
+Under a state-store outage every lesson request is denied with
+`state_unavailable`; one event each flooded the buffer (71.8k events, +78 MB,
+a 0.8 s stall writing them back). Those denials are counted instead: one
+`deny` event per (rule, category, region) and AGGREGATE_SECONDS, with `count`
+and `interval` (seconds, starting at `time`) and no student. The buffer is
+bounded in events and bytes (the oldest go first, counted in
+`tutorgate_audit_dropped_total`), and a flush writes FLUSH_BATCH events per
+pipeline, yielding to the event loop between pipelines.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ import datetime as dt
 import json
 import logging
 import sys
-import time
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -27,14 +36,27 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from .metrics import Metrics
+from .timesource import Clock, SystemClock
 
 log = logging.getLogger("tutorgate.audit")
 
 STREAM = "tutorgate:audit"
 FIELDS = ("time", "event", "student", "rule", "category", "region", "policy_version",
-          "instance", "duration", "break_seconds", "break_honoured")
+          "instance", "duration", "break_seconds", "break_honoured", "count", "interval")
 FLUSH_SECONDS = 0.25
-MAX_BUFFER = 100_000  # beyond this (Redis down for long) the oldest events are dropped
+# Denials counted per interval rather than recorded one by one.
+AGGREGATED = frozenset({"state_unavailable"})
+AGGREGATE_SECONDS = 1.0
+# The buffer's bounds (Redis down for long): the oldest events are dropped.
+MAX_BUFFER = 20_000
+MAX_BUFFER_BYTES = 8 * 1024 * 1024
+# Events per pipeline: a few ms of the loop's time to pack and to read back.
+FLUSH_BATCH = 200
+
+
+def _size(ev: dict[str, str]) -> int:
+    # what the event costs: its text plus a dict's and its strings' overhead
+    return 400 + sum(len(k) + len(v) for k, v in ev.items())
 # What export and report call the student of an event that has none (a
 # forbidden feature is denied before anyone is identified).
 ANONYMOUS = "anonymous"
@@ -48,25 +70,50 @@ class AuditWriter:
     """Buffers events and XADDs them in batches."""
 
     def __init__(self, url: str, instance: str, metrics: Metrics, tz: str = "Asia/Shanghai",
-                 retention_days: float = 180.0) -> None:
+                 retention_days: float = 180.0, *, clock: Clock | None = None,
+                 max_events: int = MAX_BUFFER, max_bytes: int = MAX_BUFFER_BYTES) -> None:
         self.url = url
         self.instance = instance
         self.metrics = metrics
         self.tz = ZoneInfo(tz)
+        self.clock: Clock = clock or SystemClock()
         self.retention_ms = int(retention_days * 86400 * 1000)
         self.policy_version = "1"
-        self._buf: list[dict[str, str]] = []
+        self.max_events, self.max_bytes = max_events, max_bytes
+        # (sequence number, event, size), oldest first
+        self._buf: deque[tuple[int, dict[str, str], int]] = deque()
+        self._bytes = 0
+        self._seq = 0
+        # (rule, category, region) -> count, since _agg_start
+        self._agg: dict[tuple[str, str, str], int] = {}
+        self._agg_start = 0.0
         self._redis: aioredis.Redis | None = None
         self._task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
         self._closing = False
+        self._failing = False
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._bytes
+
+    def _time(self, t: float) -> str:
+        return dt.datetime.fromtimestamp(t, self.tz).isoformat(timespec="milliseconds")
 
     def record(self, event: str, student: str | None, rule: str | None, category: str,
                region: str, duration: float | None = None, at: float | None = None,
                break_seconds: float | None = None, break_honoured: bool | None = None) -> None:
-        t = time.time() if at is None else at
+        t = self.clock.now() if at is None else at
+        if event == "deny" and rule in AGGREGATED:
+            k = (rule, category, region)
+            if not self._agg:
+                self._agg_start = t
+            self._agg[k] = self._agg.get(k, 0) + 1
+            return
         ev = {
-            "time": dt.datetime.fromtimestamp(t, self.tz).isoformat(timespec="milliseconds"),
+            "time": self._time(t),
             "event": event, "student": student or "", "rule": rule or "",
             "category": category, "region": region, "policy_version": self.policy_version,
             "instance": self.instance,
@@ -77,10 +124,34 @@ class AuditWriter:
             # the break before this lesson, and whether it was min_break long
             ev["break_seconds"] = f"{break_seconds:.3f}"
             ev["break_honoured"] = "true" if break_honoured else "false"
-        if len(self._buf) >= MAX_BUFFER:
-            del self._buf[0]
+        self._push(ev)
+
+    def _push(self, ev: dict[str, str]) -> None:
+        size = _size(ev)
+        while self._buf and (len(self._buf) >= self.max_events
+                             or self._bytes + size > self.max_bytes):
+            self._bytes -= self._buf.popleft()[2]
+            self.metrics.audit_dropped.labels("buffer_full").inc()
             self.metrics.audit_failures.inc()
-        self._buf.append(ev)
+        self._seq += 1
+        self._buf.append((self._seq, ev, size))
+        self._bytes += size
+
+    def roll(self, *, force: bool = False) -> None:
+        """Turn the counted denials into events once their interval is over
+        (or now, with `force`)."""
+        if not self._agg:
+            return
+        now = self.clock.now()
+        if not force and now - self._agg_start < AGGREGATE_SECONDS:
+            return
+        agg, self._agg = self._agg, {}
+        when, interval = self._time(self._agg_start), f"{max(now - self._agg_start, 0.0):.3f}"
+        for (rule, category, region), n in agg.items():
+            self._push({"time": when, "event": "deny", "student": "", "rule": rule,
+                        "category": category, "region": region,
+                        "policy_version": self.policy_version, "instance": self.instance,
+                        "count": str(n), "interval": interval})
 
     async def start(self) -> None:
         self._redis = aioredis.Redis.from_url(self.url, socket_connect_timeout=1,
@@ -90,32 +161,47 @@ class AuditWriter:
     async def _run(self) -> None:
         while not self._closing:
             await asyncio.sleep(FLUSH_SECONDS)
+            self.roll()
             await self.flush()
 
     async def flush(self) -> None:
-        if not self._buf or self._redis is None:
-            return
-        batch, self._buf = self._buf, []
-        minid = f"{int(time.time() * 1000) - self.retention_ms}-0"
-        try:
-            async with self._redis.pipeline(transaction=False) as p:
-                for ev in batch:
-                    # exact MINID: "~" trims only whole stream nodes, so a small
-                    # stream would keep events past their retention
-                    p.xadd(STREAM, ev, minid=minid, approximate=False)  # type: ignore[arg-type]
-                await p.execute()
-        except (RedisError, OSError):
-            # Keep them for the next flush (Redis may be back by then).
-            self._buf[:0] = batch[-(MAX_BUFFER - len(self._buf)):]
-            log.warning("audit events not written yet (%d buffered)", len(self._buf))
+        """Write what is buffered, FLUSH_BATCH events per pipeline, yielding
+        to the loop between pipelines. Events stay buffered until written."""
+        while self._buf and self._redis is not None:
+            batch = [self._buf[i] for i in range(min(FLUSH_BATCH, len(self._buf)))]
+            minid = f"{int(self.clock.now() * 1000) - self.retention_ms}-0"
+            try:
+                async with self._redis.pipeline(transaction=False) as p:
+                    for _, ev, _ in batch:
+                        # exact MINID: "~" trims only whole stream nodes, so a
+                        # small stream would keep events past their retention
+                        p.xadd(STREAM, ev, minid=minid, approximate=False)  # type: ignore[arg-type]
+                    await p.execute()
+            except (RedisError, OSError) as e:
+                if not self._failing:  # once per outage, not every FLUSH_SECONDS
+                    log.warning("audit events not written yet (%d buffered): %s",
+                                len(self._buf), e)
+                self._failing = True
+                return
+            if self._failing:
+                self._failing = False
+                log.info("audit stream reachable again; writing %d buffered events",
+                         len(self._buf))
+            # the bound may have dropped some of the batch meanwhile
+            last = batch[-1][0]
+            while self._buf and self._buf[0][0] <= last:
+                self._bytes -= self._buf.popleft()[2]
+            await asyncio.sleep(0)
 
     async def close(self) -> None:
         self._closing = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        self.roll(force=True)
         await self.flush()
         if self._buf:
+            self.metrics.audit_dropped.labels("shutdown").inc(len(self._buf))
             self.metrics.audit_failures.inc(len(self._buf))
         if self._redis is not None:
             await self._redis.aclose()
@@ -152,6 +238,9 @@ def read_events(r: redis.Redis, since: str | None = None,
             ev["break_seconds"] = float(ev["break_seconds"]) if ev.get("break_seconds") else None
             ev["break_honoured"] = (ev["break_honoured"] == "true"
                                     if ev.get("break_honoured") else None)
+            # denials counted over an interval (an outage's state_unavailable)
+            ev["count"] = int(ev["count"]) if ev.get("count") else None
+            ev["interval"] = float(ev["interval"]) if ev.get("interval") else None
             ev["id"] = eid.decode()
             yield ev
         start = "(" + page[-1][0].decode()

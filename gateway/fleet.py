@@ -24,15 +24,21 @@ POLICY_KEY = "tutorgate:policy"
 CHANNEL = "tutorgate:policy"
 
 
-def _hash(got: dict[str, str]) -> tuple[str, float] | None:
-    if not got or not got.get("text"):
+def _hash(got: dict[bytes, bytes]) -> tuple[bytes, float] | None:
+    """The pushed text (bytes: anything may be in Redis, the gateway decodes
+    and validates it) and when it was pushed; None if nothing usable is."""
+    if not got or not got.get(b"text"):
         return None
-    return got["text"], float(got.get("pushed_at", "0"))
+    try:
+        pushed_at = float(got.get(b"pushed_at", b"0"))
+    except ValueError:
+        log.error("policy push refused: %s: pushed_at is not a time", POLICY_KEY)
+        return None
+    return got[b"text"], pushed_at
 
 
 def _client(url: str) -> aioredis.Redis:
-    return aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5,
-                                   decode_responses=True)
+    return aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
 
 
 async def push_policy(url: str, text: str) -> int:
@@ -46,7 +52,7 @@ async def push_policy(url: str, text: str) -> int:
         await r.aclose()
 
 
-async def fetch_policy(url: str) -> tuple[str, float] | None:
+async def fetch_policy(url: str) -> tuple[bytes, float] | None:
     """The pushed policy text and when it was pushed, if any."""
     r = _client(url)
     try:
@@ -55,7 +61,7 @@ async def fetch_policy(url: str) -> tuple[str, float] | None:
         await r.aclose()
 
 
-async def follow(url: str, apply: Callable[[str, float], None],
+async def follow(url: str, apply: Callable[[bytes, float], None],
                  stop: asyncio.Event) -> None:
     """Apply every pushed policy until `stop`; reconnects by itself, and
     re-reads the stored policy after each (re)connect so none is missed."""
@@ -67,7 +73,7 @@ async def follow(url: str, apply: Callable[[str, float], None],
                 await ps.subscribe(CHANNEL)
                 pushed = _hash(await r.hgetall(POLICY_KEY))  # type: ignore[arg-type]
                 if pushed is not None:
-                    apply(*pushed)
+                    _apply(apply, pushed)
                 delay = 0.2
                 while not stop.is_set():
                     msg = await ps.get_message(ignore_subscribe_messages=True, timeout=1.0)
@@ -75,10 +81,19 @@ async def follow(url: str, apply: Callable[[str, float], None],
                         continue
                     pushed = _hash(await r.hgetall(POLICY_KEY))  # type: ignore[arg-type]
                     if pushed is not None:
-                        apply(*pushed)
+                        _apply(apply, pushed)
         except (RedisError, OSError) as e:
             log.warning("policy channel lost (%s); retrying in %.1fs", type(e).__name__, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
         finally:
             await r.aclose()
+
+
+def _apply(apply: Callable[[bytes, float], None], pushed: tuple[bytes, float]) -> None:
+    # a bug in applying one push must not end the follower: later pushes
+    # (the fix) must still arrive
+    try:
+        apply(*pushed)
+    except Exception:
+        log.exception("applying a pushed policy failed")

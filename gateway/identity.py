@@ -142,7 +142,7 @@ def load_key(settings: JwtSettings, base_dir: Path | None) -> str:
     path = Path(settings.key_file)
     if not path.is_absolute() and base_dir is not None:
         path = base_dir / path
-    return path.read_text()
+    return path.read_text(encoding="utf-8")
 
 
 Identify = HeaderIdentity | JwtIdentity

@@ -15,7 +15,6 @@ import asyncio
 import itertools
 import logging
 import os
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -24,6 +23,7 @@ from .metrics import Metrics
 from .policy import Route
 from .rules import Student
 from .store.base import Cut, StateStore
+from .timesource import Clock
 
 log = logging.getLogger("tutorgate.live")
 
@@ -49,7 +49,7 @@ class LiveConn:
     conn_id: str
     kind: Kind
     close: Callable[[str], Awaitable[None]]   # cut with this rule code
-    deadline: float = 0.0                      # Unix time
+    deadline: float = 0.0                      # Unix time on the store's clock
     rule: str = "lesson_limit"
     held: bool = True                          # holds a lease in the store
     student: Student | None = None             # to recompute deadlines on a reload
@@ -61,8 +61,9 @@ class LiveConn:
 class LiveRegistry:
     """This instance's open lesson connections, by student."""
 
-    def __init__(self, store: StateStore, metrics: Metrics) -> None:
+    def __init__(self, store: StateStore, metrics: Metrics, clock: Clock | None = None) -> None:
         self.store = store
+        self.clock = clock or store.clock
         self.metrics = metrics
         self.by_key: dict[str, set[LiveConn]] = {}
         # Pass-through WebSockets: no deadline, but closed with 1001 on shutdown.
@@ -79,13 +80,14 @@ class LiveRegistry:
         self.schedule(conn, deadline, rule)
 
     def schedule(self, conn: LiveConn, deadline: float, rule: str) -> None:
-        """(Re)arm the cut-off; call_at runs on the loop's monotonic clock."""
+        """(Re)arm the cut-off. `deadline` is on the store's clock, and so is
+        the time left to it: the host's wall clock, maybe off by a minute,
+        never enters (the timer itself runs on the loop's monotonic clock)."""
         if conn.timer is not None:
             conn.timer.cancel()
         conn.deadline, conn.rule = deadline, rule
         loop = asyncio.get_running_loop()
-        when = loop.time() + max(deadline - time.time(), 0.0)
-        conn.timer = loop.call_at(when, self._fire, conn)
+        conn.timer = loop.call_later(max(self.clock.until(deadline), 0.0), self._fire, conn)
 
     def _fire(self, conn: LiveConn) -> None:
         conn.timer = None
@@ -104,7 +106,7 @@ class LiveRegistry:
             if self.on_cut_event is not None:
                 self.on_cut_event(conn, rule)
         if late_of is not None:
-            self.metrics.cut_lateness.observe(max(time.time() - late_of, 0.0))
+            self.metrics.cut_lateness.observe(max(-self.clock.until(late_of), 0.0))
         try:
             await conn.close(rule)
         except Exception:  # a broken socket must not stop the other cuts

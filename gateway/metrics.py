@@ -224,6 +224,10 @@ class Metrics:
             self.connections_refused.labels(reason)
         for kind in ("head", "idle"):
             self.client_timeouts.labels(kind)
+        self.audit_dropped = Counter(
+            "tutorgate_audit_dropped_total",
+            "Audit events lost unwritten: the buffer's bound was hit (Redis down for long) "
+            "or they were still buffered at shutdown.", ["reason"], registry=r)
 
     def prime(self, region_labels: Sequence[str], shadowed: Sequence[str] = ()) -> None:
         """Create the series a dashboard asks about before their first event.

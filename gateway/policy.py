@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import difflib
 import hashlib
+import os
 import re
 import types
 import typing
@@ -606,6 +607,45 @@ def _bad_date(text: str) -> tuple[int | None, str | None]:
 
 
 FileReader = Callable[[str], str]
+EnvLookup = Callable[[str], str | None]
+
+
+def decode_text(raw: bytes, what: str) -> str:
+    """UTF-8 text, or ValueError saying where it is not."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{what} is not UTF-8 text: byte 0x{raw[e.start]:02x} at offset "
+                         f"{e.start} (line {line})") from None
+
+
+def _referenced(model: PolicyModel, node: yaml.Node | None, read_file: FileReader | None,
+                env: EnvLookup | None) -> list[tuple[str, str, int | None]]:
+    """Problems with what the policy names outside itself: the JWT key's
+    environment variable or file, each calendar file. `read_file` and `env`
+    are passed in (the core does no I/O); a lookup not given is not checked,
+    except calendar files, which a policy without a file cannot have."""
+    problems: list[tuple[str, str, int | None]] = []
+    jwt = model.identity.jwt if model.identity.source == "jwt" else None
+    key_env = jwt.key_env if jwt is not None else None
+    if key_env is not None and env is not None and not env(key_env):
+        loc: list[int | str] = ["identity", "jwt", "key_env"]
+        problems.append((_fmt_loc(loc), f"environment variable {key_env} is not set "
+                         "(or is empty)", _line_of(node, loc)))
+    if jwt is not None and jwt.key_file is not None and read_file is not None:
+        loc = ["identity", "jwt", "key_file"]
+        why = None
+        try:
+            if not read_file(jwt.key_file).strip():
+                why = f"{jwt.key_file} is empty"
+        except OSError as e:
+            why = f"cannot read {jwt.key_file}: {e.strerror or e}"
+        except ValueError as e:
+            why = str(e)
+        if why is not None:
+            problems.append((_fmt_loc(loc), why, _line_of(node, loc)))
+    return problems
 
 
 def parse_calendar_file(text: str, source: str) -> CalendarYear:
@@ -630,9 +670,12 @@ def parse_calendar_file(text: str, source: str) -> CalendarYear:
 
 
 def parse_policy(text: str, source: str = "<policy>",
-                 read_file: FileReader | None = None) -> Policy:
+                 read_file: FileReader | None = None, env: EnvLookup | None = None) -> Policy:
     """Validate policy text. `read_file(relative_path)` loads calendar files
-    (paths relative to the policy); without it, naming one is an error."""
+    and the JWT key file (paths relative to the policy); without it, naming
+    a calendar file is an error. `env(name)` looks up the JWT key's
+    environment variable. Unreadable or non-UTF-8 files are problems too
+    (`read_file` raises OSError or ValueError for them)."""
     data, node = _load_yaml(text, source)
     if not isinstance(data, dict):
         raise PolicyError(source, [("", "a policy is a YAML mapping (version, routes, ...)",
@@ -642,7 +685,7 @@ def parse_policy(text: str, source: str = "<policy>",
     except ValidationError as e:
         raise PolicyError(source, _validation_problems(e, node, model=PolicyModel)) from None
     years: list[CalendarYear] = []
-    problems: list[tuple[str, str, int | None]] = []
+    problems = _referenced(model, node, read_file, env)
     for i, rel in enumerate(model.rest_days.calendar_files):
         loc: list[int | str] = ["rest_days", "calendar_files", i]
         if read_file is None:
@@ -657,6 +700,8 @@ def parse_policy(text: str, source: str = "<policy>",
         except PolicyError as e:
             problems.extend((_fmt_loc(loc), line.removeprefix(""), _line_of(node, loc))
                             for line in e.lines())
+        except ValueError as e:  # not UTF-8 (decode_text)
+            problems.append((_fmt_loc(loc), str(e), _line_of(node, loc)))
     if problems:
         raise PolicyError(source, problems)
     national = NationalCalendar(years)
@@ -664,16 +709,27 @@ def parse_policy(text: str, source: str = "<policy>",
     return _compile(model, source, sha, national)
 
 
-def load_policy(path: str | Path) -> Policy:
-    """Read and parse a policy file; calendar files resolve next to it."""
-    p = Path(path)
+def read_policy_text(path: str | Path) -> str:
+    """A policy file's text, or PolicyError (unreadable, not UTF-8)."""
     try:
-        text = p.read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
+        return decode_text(raw, "the policy")
     except OSError as e:
         raise PolicyError(str(path),
                           [("", f"cannot read policy: {e.strerror or e}", None)]) from None
+    except ValueError as e:
+        raise PolicyError(str(path), [("", str(e), None)]) from None
 
+
+def relative_reader(base: Path) -> FileReader:
+    """Reads files a policy names, relative to `base` (its directory), as UTF-8."""
     def read(rel: str) -> str:
-        return (p.parent / rel).read_text(encoding="utf-8")
+        return decode_text((base / rel).read_bytes(), rel)
+    return read
 
-    return parse_policy(text, str(path), read)
+
+def load_policy(path: str | Path, env: EnvLookup | None = os.environ.get) -> Policy:
+    """Read and parse a policy file: calendar and key files resolve next to
+    it, key variables in `env` (this process's environment)."""
+    p = Path(path)
+    return parse_policy(read_policy_text(p), str(path), relative_reader(p.parent), env)

@@ -34,6 +34,7 @@ from .policy import Policy, Route
 from .responses import denial
 from .settings import UPSTREAM_POOL
 from .store.base import StateStore
+from .timesource import Clock
 
 log = logging.getLogger("tutorgate.proxy")
 
@@ -102,6 +103,8 @@ class Proxy:
                  on_event: Callable[..., None] | None = None) -> None:
         self.rt = runtime
         self.store = store
+        # The store's clock: the curfew check and every deadline use it.
+        self.clock: Clock = store.clock
         self.metrics = metrics
         self.live = live
         self.activity = activity
@@ -185,7 +188,7 @@ class Proxy:
                 ctx.student = student.key
         else:
             student = rules.Student(problem="missing")
-        now = time.time()
+        now = self.clock.now()
         pre = rules.precheck(policy, route, student, now)
         conn_id = new_conn_id() if ws else None
         if isinstance(pre, rules.Pending):
@@ -277,7 +280,7 @@ class Proxy:
     async def sweep_ended(self) -> None:
         """Report the lessons this instance started that are over by now
         (limit or quiet time) although no next lesson has closed them."""
-        now = time.time()
+        now = self.clock.now()
         for key, (start, limits, category, region) in list(self.owned.items()):
             # the local view first: a lesson plainly going on needs no look
             if now < start + limits.max_duration and \
@@ -396,7 +399,7 @@ class Proxy:
 
         conn = LiveConn(lesson.key, new_conn_id(), "stream", close, held=False,
                         student=lesson.student, route=lesson.route)
-        deadline, rule = deadline_of(lesson.decision)
+        deadline, rule = deadline_of(lesson.decision, self.clock)
         self.live.add(conn, deadline, rule)
         return conn
 
@@ -429,7 +432,7 @@ class Proxy:
             ws.headers["X-Lesson-Remaining"] = str(
                 max(math.floor(lesson.decision.lesson_remaining or 0.0), 0))
             # live connections also get the exact cut-off time (Unix seconds)
-            ws.headers["X-Lesson-Deadline"] = f"{deadline_of(lesson.decision)[0]:.3f}"
+            ws.headers["X-Lesson-Deadline"] = f"{deadline_of(lesson.decision, self.clock)[0]:.3f}"
         await ws.prepare(request)
         conn: LiveConn | None = None
         if lesson is not None:
@@ -442,7 +445,7 @@ class Proxy:
             conn = LiveConn(lesson.key, lesson.conn_id or new_conn_id(), "websocket", close,
                             held=lesson.conn_id is not None, student=lesson.student,
                             route=lesson.route)
-            deadline, rule = deadline_of(lesson.decision)
+            deadline, rule = deadline_of(lesson.decision, self.clock)
             self.live.add(conn, deadline, rule)
         else:
             self.live.untracked.add((ws, up_ws))
@@ -495,9 +498,10 @@ class _CappedBody:
             yield chunk
 
 
-def deadline_of(decision: rules.Decision) -> tuple[float, str]:
-    """When a lesson connection must close, and the rule that closes it."""
-    now = decision.step.now if decision.step is not None else time.time()
+def deadline_of(decision: rules.Decision, clock: Clock) -> tuple[float, str]:
+    """When a lesson connection must close (on the store's clock), and the
+    rule that closes it."""
+    now = decision.step.now if decision.step is not None else clock.now()
     return now + (decision.lesson_remaining or 0.0), decision.end_rule
 
 

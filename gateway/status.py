@@ -15,7 +15,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from . import rules
-from .clock import in_lesson, lesson_end
+from .clock import in_lesson, lesson_end, lesson_remaining
 from .errors import StoreUnavailable
 from .policy import Route, stage_of
 from .responses import denial
@@ -71,7 +71,9 @@ async def student_status(gw: Gateway, request: web.Request) -> web.Response:
         out.update(state="closed", rule=rules.CURFEW, next_lesson_at=_iso(now + to_end, profile.tz),
                    why="inside the curfew")
     elif in_lesson(state, now, limits):
-        rem = min(state.start + limits.max_duration - now, to_start)
+        # the clock's own rule (lesson or daily limit), then the curfew; `now`
+        # is Redis's (peek), never this host's
+        rem = min(lesson_remaining(state, now, limits, today.toordinal()), to_start)
         out.update(state="lesson", lesson_remaining=_down(rem),
                    why="a lesson is in progress: it must end in lesson_remaining seconds")
     else:

@@ -31,6 +31,7 @@ from gateway.store.redis import (
     RedisStore,
     _Known,
 )
+from gateway.timesource import StoreClock
 
 T0 = 1_767_225_600.0          # 2026-01-01T00:00:00Z
 DAY = 20_000
@@ -642,20 +643,22 @@ async def test_known_lesson_needs_no_resync_until_its_end(redis_server: RedisSer
                                                           key: str) -> None:
     """Nothing another instance does can end a lesson this instance sees
     going on, so the knowledge holds for the lesson's whole length: 25 min
-    later (the clock moved by the Redis-time offset) the request is still
+    later (the store clock's monotonic time moved on) the request is still
     answered locally, with the remaining time counted from the start."""
-    store = RedisStore(redis_server.url)
+    shift = [0.0]
+    store = RedisStore(redis_server.url,
+                       clock=StoreClock(mono=lambda: time.monotonic() + shift[0]))
     calls: list[str] = []
     store._on_call = lambda op, s, ok: calls.append(op)
     try:
         first = await store.advance(key, L, DAY, DAY_END)
         for minutes in (5, 10, 15, 20, 25):   # activity every 5 min < the 10 min break
-            store._offset += 300.0
+            shift[0] += 300.0
             step_ = await store.advance(key, L, DAY, DAY_END)
             assert step_.start == first.start and not step_.started
             assert step_.remaining == pytest.approx(MAX - minutes * 60, abs=0.5)
         assert calls == ["advance"]
-        store._offset += 300.0 - FAST_MARGIN / 2  # within FAST_MARGIN of the limit: ask Redis
+        shift[0] += 300.0 - FAST_MARGIN / 2  # within FAST_MARGIN of the limit: ask Redis
         await store.advance(key, L, DAY, DAY_END)
         assert calls[-1] == "advance" and calls.count("advance") == 2
     finally:

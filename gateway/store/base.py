@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..clock import ClockLimits, ClockState, Step
+from ..timesource import Clock
 
 # A connection lease lives this long unless renewed, so connections of a
 # crashed instance stop counting as activity by themselves.
@@ -34,6 +35,11 @@ CutHandler = Callable[[Cut], Awaitable[None] | None]
 
 class StateStore(Protocol):
     kind: str  # "memory" or "redis"
+
+    @property
+    def clock(self) -> Clock:
+        """The clock the lesson clock runs on: every deadline uses it."""
+        ...
 
     async def advance(self, key: str, limits: ClockLimits, day: int, seconds_to_day_end: float,
                       *, hold: str | None = None, now: float | None = None) -> Step:
@@ -68,7 +74,7 @@ class StateStore(Protocol):
         ...
 
     async def now(self) -> float:
-        """The store's clock (Redis TIME; time.time() in memory)."""
+        """The store's clock, asked now (Redis TIME; the host clock in memory)."""
         ...
 
     async def ping(self) -> bool:

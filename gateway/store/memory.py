@@ -8,11 +8,11 @@ day are over, so memory stays bounded by the students of the last day.
 from __future__ import annotations
 
 import inspect
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from ..clock import ClockLimits, ClockState, Step, advance
+from ..timesource import Clock, SystemClock
 from .base import LEASE_SECONDS, Cut, CutHandler
 
 _EMPTY = ClockState()
@@ -22,7 +22,9 @@ class MemoryStore:
     kind = "memory"
 
     def __init__(self, clock: Callable[[], float] | None = None) -> None:
-        self._clock = clock or time.time
+        # the lesson clock runs on this clock: it is the process's one clock
+        self.clock: Clock = SystemClock(clock) if clock is not None else SystemClock()
+        self._clock = self.clock.now
         self._states: dict[str, ClockState] = {}
         self._leases: dict[str, dict[str, float]] = {}
         self._expires: dict[str, float] = {}

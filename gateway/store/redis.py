@@ -46,6 +46,7 @@ import hiredis
 
 from ..clock import ClockLimits, ClockState, Outcome, Step
 from ..errors import StoreUnavailable
+from ..timesource import StoreClock
 from .base import LEASE_SECONDS, Cut, CutHandler
 
 log = logging.getLogger("tutorgate.store.redis")
@@ -277,7 +278,9 @@ class RedisStore:
     kind = "redis"
 
     def __init__(self, url: str, *, prefix: str = "tutorgate:", op_timeout: float = 0.25,
-                 on_call: OnCall | None = None) -> None:
+                 on_call: OnCall | None = None, clock: StoreClock | None = None) -> None:
+        # Redis TIME between readings: every reply that carries it anchors it
+        self.clock = clock or StoreClock()
         self._target = _Target.parse(url)
         self._prefix = prefix
         self._channel = f"{prefix}cuts"
@@ -296,7 +299,6 @@ class RedisStore:
         self._known: dict[str, _Known] = {}
         # fast-path activity not yet written (the touches of the next flush)
         self._touching: dict[str, _Known] = {}
-        self._offset = 0.0  # Redis TIME minus time.time(), from the last full step
         self._handlers: list[CutHandler] = []
         self._subscriber: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
@@ -307,7 +309,9 @@ class RedisStore:
     async def start(self) -> None:
         """Connect ahead of the first call. An unreachable Redis is no error
         here: readiness reports it and calls raise StoreUnavailable."""
-        if not await self.ping():
+        try:
+            await self.now()  # anchors the clock before the first deadline
+        except StoreUnavailable:
             log.warning("redis store: %s does not answer (yet)", self._target)
 
     async def advance(self, key: str, limits: ClockLimits, day: int, seconds_to_day_end: float,
@@ -331,6 +335,7 @@ class RedisStore:
                     shadowed=tuple(_OUTCOMES[x] for x in r[8].split(b",")) if r[8] else (),
                     ended_start=_opt(r[9]) if len(r) > 9 else None)
         if now is None:
+            self.clock.observe(step.now)
             self._learn(key, limits, step, r[2].decode())
         return step
 
@@ -344,7 +349,6 @@ class RedisStore:
                 (limits.daily_max is not None and not limits.enforce_daily):
             self._known.pop(key, None)
             return
-        self._offset = step.now - time.time()
         if len(self._known) >= KNOWN_MAX:
             # keep the lessons still going; if that is all of them, start over
             t = step.now
@@ -383,7 +387,7 @@ class RedisStore:
         conn = self._conn
         if conn is None or conn.error is not None:
             return None
-        t = time.time() + self._offset
+        t = self.clock.now()
         if t >= known.end - FAST_MARGIN or t - known.last >= known.quiet:
             return None
         if t > known.last:
@@ -449,11 +453,16 @@ class RedisStore:
         r = (await self._eval("peek", PEEK, ((3, packed),)))[0]
         state = ClockState(start=float(r[1] or 0), last=float(r[2] or 0), conns=int(r[5]),
                            day=int(float(r[3] or 0)), used=float(r[4] or 0))
-        return state, float(r[0])
+        t = float(r[0])
+        if now is None:
+            self.clock.observe(t)
+        return state, t
 
     async def now(self) -> float:
         sec, usec = await self._command("now", ("TIME",))
-        return float(sec + b"." + usec.rjust(6, b"0"))  # read as the scripts read it
+        t = float(sec + b"." + usec.rjust(6, b"0"))  # read as the scripts read it
+        self.clock.observe(t)
+        return t
 
     async def ping(self) -> bool:
         try:
