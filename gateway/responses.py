@@ -12,6 +12,7 @@ from . import rules
 
 # What a student reads (the JSON message stays English for API clients).
 ZH = {
+    rules.BAD_PATH: ("网址无效", "请求的网址格式不正确，请检查链接后重试。"),
     rules.FORBIDDEN_FEATURE: ("此功能不提供", "按照规定，平台不提供“拍照搜题”等功能。"),
     rules.IDENTITY_REQUIRED: ("请先登录", "上课需要先登录学生账号。"),
     rules.BAD_IDENTITY: ("身份信息有误", "学生账号或年级信息格式不正确，请重新登录。"),
