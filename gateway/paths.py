@@ -36,12 +36,15 @@ the gateway cannot match safely:
   server that decodes twice would resolve `..` the gateway never saw;
 - a raw `#` before the query (aiohttp's two parsers disagree on it; a
   fragment is never part of a request);
+- a segment that is a dot segment only once its `;parameters` are cut
+  (`..;`, `.;x`, `..%3B`): Tomcat reads `/x/..;/api` as `/api`, nginx as a
+  directory `..;` under `/x/`, and no one key matches both;
 - a target that is neither a path nor an absolute URL.
 
 The match key, from the forwarded path: `;parameters` cut off every segment
 (a raw `;` or `%3B`: Tomcat cuts before decoding, others after), then every
-escape decoded, then slashes and dot segments resolved again (`/x/..;/api`
-is `/api` to Tomcat), lower-cased when the policy says
+escape decoded, then repeated slashes merged again (`/a/;x/b` is `/a//b` to
+Tomcat), lower-cased when the policy says
 `paths: {case_sensitive: false}`. Route prefixes go through the same key.
 So every reading an upstream may make of the forwarded path (as it is,
 decoded, or with parameters cut) matches either the route the key matched
@@ -66,6 +69,7 @@ _RAW_BAD = re.compile(r"[\x00-\x1f\x7f\\#]")
 _ABSOLUTE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/]*")
 _DOUBLE = re.compile(r"%25[0-9A-Fa-f]{2}")
 _PARAMS = re.compile(r"(?:;|%3B)[^/]*")
+_DOT_PARAMS = re.compile(r"/\.{1,2}(?:;|%3B)[^/]*(?=/|$)")
 _ESCAPES = re.compile(r"(?:%[0-9A-F]{2})+")
 
 
@@ -110,6 +114,8 @@ def canonical(target: str, case_sensitive: bool = True) -> Target | Refused:
     clean = _resolve(clean)
     if _DOUBLE.search(clean):
         return Refused("a double-encoded byte (%25 and two hex digits)")
+    if _DOT_PARAMS.search(clean):
+        return Refused("a dot segment with parameters ('..;')")
     return Target(clean, sep + query, route_key(clean, case_sensitive))
 
 
