@@ -9,6 +9,7 @@ from typing import Any
 from . import rules
 from .clock import ClockState
 from .identity import parse_grade
+from .paths import Refused, canonical
 from .policy import Policy
 
 
@@ -18,7 +19,12 @@ def explain(policy: Policy, path: str, at: dt.datetime, *, grade: str | None = N
     """The decision for an identified student asking for `path` at `at`.
     With `lesson_started`, a lesson has been active since then."""
     now = at.timestamp()
-    route = policy.match(path)
+    target = canonical(path, policy.case_sensitive_paths)
+    if isinstance(target, Refused):
+        return {"decision": "deny", "rule": rules.BAD_PATH, "retry_after": None,
+                "lesson_remaining": None, "route": None,
+                "checked": [{"rule": rules.BAD_PATH, "applies": True, "why": target.why}]}
+    route = policy.match(target.key)
     if route is None:
         return {"decision": "allow", "rule": None, "retry_after": None, "lesson_remaining": None,
                 "checked": [], "route": None,

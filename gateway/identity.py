@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from .policy import IdentitySettings, JwtSettings
 from .rules import Grade, Student
@@ -50,8 +51,16 @@ def parse_grade(raw: str | None) -> tuple[Grade | None, bool]:
     return g, g is not None
 
 
-# Students remembered by the header identity (cleared whole when full).
+# Students remembered by the header identity, cleared whole when either
+# bound is reached: entries, and characters of the header values kept.
 SEEN_MAX = 100_000
+SEEN_CHARS = 8 * 1024 * 1024
+# Longest values worth remembering: a valid id (128), grade and region (32).
+_ENTRY_MAX = 128 + 16 + 32
+
+Headers = CIMultiDictProxy[str] | CIMultiDict[str]
+_NONE: list[str] = []  # never mutated
+_TWICE = Student(problem="malformed", why="an identity header sent more than once")
 
 
 class HeaderIdentity:
@@ -68,16 +77,29 @@ class HeaderIdentity:
         # The same students come back request after request: remembering the
         # answer saves the HMAC and the checks (Students are immutable).
         self._seen: dict[tuple[str | None, str | None, str | None], Student] = {}
+        self._seen_chars = 0
 
-    def __call__(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> Student:
-        raw = (headers.get(self.student_header), headers.get(self.grade_header),
-               headers.get(self.region_header))
+    def __call__(self, headers: Headers, cookies: Mapping[str, str]) -> Student:
+        sids = headers.getall(self.student_header, _NONE)
+        grades = headers.getall(self.grade_header, _NONE)
+        regions = headers.getall(self.region_header, _NONE)
+        # Two copies: the gateway would read one and the upstream maybe the other.
+        if len(sids) > 1 or len(grades) > 1 or len(regions) > 1:
+            return _TWICE
+        raw = (sids[0] if sids else None, grades[0] if grades else None,
+               regions[0] if regions else None)
         student = self._seen.get(raw)
         if student is None:
             student = _student(*raw, self._pseudonym)
-            if len(self._seen) >= SEEN_MAX:
-                self._seen.clear()
-            self._seen[raw] = student
+            # Only usable, short identities are remembered: values a client
+            # invents (any length, any bytes) would otherwise fill memory.
+            size = sum(len(v) for v in raw if v)
+            if student.problem is None and size <= _ENTRY_MAX:
+                if len(self._seen) >= SEEN_MAX or self._seen_chars + size > SEEN_CHARS:
+                    self._seen.clear()
+                    self._seen_chars = 0
+                self._seen[raw] = student
+                self._seen_chars += size
         return student
 
 
@@ -92,21 +114,27 @@ class JwtIdentity:
         self._pseudonym = pseudonym
         self._key = load_key(settings, base_dir)
 
-    def __call__(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> Student:
+    def __call__(self, headers: Headers, cookies: Mapping[str, str]) -> Student:
         token = None
-        auth = headers.get("Authorization", "")
+        auths = headers.getall("Authorization", _NONE)
+        if len(auths) > 1:
+            return _TWICE
+        auth = auths[0] if auths else ""
         if auth[:7].lower() == "bearer ":
             token = auth[7:].strip()
         elif self.s.cookie:
             token = cookies.get(self.s.cookie)
         if not token:
             return Student(problem="missing", why="no bearer token or session cookie")
+        if not token.isascii():
+            # PyJWT raises UnicodeEncodeError on these, not one of its own errors
+            return Student(problem="missing", why="token rejected: not ASCII")
         try:
             claims: dict[str, Any] = jwt.decode(
                 token, self._key, algorithms=[self.s.algorithm], audience=self.s.audience,
                 issuer=self.s.issuer, leeway=self.s.leeway,
                 options={"require": ["exp"], "verify_aud": self.s.audience is not None})
-        except jwt.PyJWTError as e:
+        except (jwt.PyJWTError, ValueError) as e:
             # Invalid or expired tokens prove no identity: identity_required.
             return Student(problem="missing", why=f"token rejected: {e}")
         sid = claims.get(self.s.student_claim)

@@ -249,6 +249,8 @@ class Metrics:
             self.decisions.labels("deny", "rest_day", "subject", region)
             self.lessons_started.labels(region)
             self.lesson_duration.labels(region)
+        # a refused path matches no route and reads no identity
+        self.decisions.labels("deny", "bad_path", "none", "base")
         for honoured in ("true", "false"):
             self.breaks_honoured.labels(honoured)
         for rule in ("lesson_limit", "curfew", "daily_limit", "policy"):

@@ -44,6 +44,7 @@ from .calendar import (
 from .clock import ClockLimits
 from .errors import PolicyError
 from .messages import Locale
+from .paths import Refused, Target, canonical
 
 # ---------------------------------------------------------------- scalars
 
@@ -260,11 +261,20 @@ class RouteSettings(_Model):
     def _kind_fields(self) -> RouteSettings:
         if not self.prefix.startswith("/"):
             raise ValueError(f"prefix must start with '/', got {self.prefix!r}")
+        t = canonical(self.prefix)
+        if isinstance(t, Refused) or "?" in self.prefix:
+            why = t.why if isinstance(t, Refused) else "a '?' in the path"
+            raise ValueError(f"prefix {self.prefix!r} is not a usable path: {why}")
         if self.kind == "lesson" and self.category is None:
             raise ValueError("a lesson route needs category: subject or non_subject")
         if self.kind == "forbidden" and self.category is not None:
             raise ValueError("a forbidden route has no category (it is denied to everyone)")
         return self
+
+
+class PathSettings(_Model):
+    # false for an upstream that serves /Classroom/ and /classroom/ alike
+    case_sensitive: bool = True
 
 
 class StageSettings(_Model):
@@ -293,6 +303,7 @@ class PolicyModel(_Model):
     curfew: CurfewSettings = CurfewSettings()
     rest_days: RestDaysSettings = RestDaysSettings()
     regions: dict[str, RegionSettings] = {}
+    paths: PathSettings = PathSettings()
     stages: dict[Stage, StageSettings] = {}
     routes: tuple[RouteSettings, ...]
 
@@ -369,6 +380,7 @@ class Policy:
     profiles: Mapping[tuple[str | None, str | None], Profile]
     national: NationalCalendar
     shadow: frozenset[str]
+    route_keys: tuple[tuple[str, Route], ...]  # (the prefix's match key, route)
 
     @property
     def version(self) -> int:
@@ -386,10 +398,15 @@ class Policy:
     def fail_open(self) -> bool:
         return self.model.failure_mode == "fail_open"
 
-    def match(self, path: str) -> Route | None:
-        """First route whose prefix the path starts with."""
-        for r in self.routes:
-            if path.startswith(r.prefix):
+    @property
+    def case_sensitive_paths(self) -> bool:
+        return self.model.paths.case_sensitive
+
+    def match(self, key: str) -> Route | None:
+        """First route whose prefix the path starts with; `key` is the
+        path's match key (paths.canonical), compared with the prefixes' own."""
+        for prefix, r in self.route_keys:
+            if key.startswith(prefix):
                 return r
         return None
 
@@ -475,8 +492,11 @@ def _compile(model: PolicyModel, source: str, sha: str, national: NationalCalend
                 clock=ClockLimits(lim.max_duration, lim.min_break, lim.daily_max,
                                   enforce_break="break_required" not in shadow,
                                   enforce_daily="daily_limit" not in shadow))
+    # prefixes were validated: canonical() accepts them
+    keys = tuple((t.key if isinstance(t := canonical(r.prefix, model.paths.case_sensitive),
+                                      Target) else r.prefix, r) for r in routes)
     return Policy(model=model, source=source, sha=sha, routes=routes, profiles=profiles,
-                  national=national, shadow=shadow)
+                  national=national, shadow=shadow, route_keys=keys)
 
 
 # ---------------------------------------------------------------- parsing

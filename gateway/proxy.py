@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import posixpath
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
@@ -30,13 +29,16 @@ from .errors import StoreUnavailable
 from .identity import Identify
 from .live import CLOSE_CODES, LiveConn, LiveRegistry, new_conn_id
 from .metrics import Metrics
+from .paths import Refused, Target, canonical
 from .policy import Policy, Route
 from .responses import denial
+from .server import RateLimitedLog
 from .settings import UPSTREAM_POOL
 from .store.base import StateStore
 from .timesource import Clock
 
 log = logging.getLogger("tutorgate.proxy")
+_malformed = RateLimitedLog(log)
 
 # RFC 9110 7.6.1 hop-by-hop fields, plus Host (the upstream's is set by the client).
 HOP_BY_HOP = frozenset({
@@ -109,7 +111,7 @@ class Proxy:
         self.live = live
         self.activity = activity
         self.upstream = URL(upstream.rstrip("/"))
-        # raw_path is appended as it came (encoded=True): never re-quoted
+        # the canonical target is appended as it is (encoded=True): never re-quoted
         self._base = str(self.upstream)
         self.max_body = max_body
         self.read_timeout = read_timeout
@@ -164,14 +166,28 @@ class Proxy:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         logs.begin_request(request.headers.get(logs.REQUEST_ID))
         rt = self.rt
-        route = rt.policy.match(_match_path(request.path))
+        # One path for matching and forwarding; absolute-form targets lose
+        # their scheme and host here (paths.py).
+        target = canonical(request.raw_path, rt.policy.case_sensitive_paths)
+        if isinstance(target, Refused):
+            return self.refuse_path(request, target)
+        route = rt.policy.match(target.key)
         if route is None:
             if _is_websocket(request):
-                return await self.websocket(request, None, None, None)
-            return await self.forward(request, None)
-        return await self.enforce(request, rt, route)
+                return await self.websocket(request, target, None, None, None)
+            return await self.forward(request, target, None)
+        return await self.enforce(request, target, rt, route)
 
-    async def enforce(self, request: web.Request, rt: Runtime,
+    def refuse_path(self, request: web.Request, refused: Refused) -> web.Response:
+        """bad_path: first in the decision table, on any route."""
+        self.count("deny", rules.BAD_PATH, "none", "base")
+        if self.on_event is not None:
+            self.on_event("deny", None, rules.BAD_PATH, "none", "base")
+        # a client can send these as fast as it likes: one line a second at most
+        _malformed.emit(logging.WARNING, "bad_path", "bad_path: %s", refused.why)
+        return denial(rules.BAD_PATH, None, request.headers, self.rt.policy.locale)
+
+    async def enforce(self, request: web.Request, target: Target, rt: Runtime,
                       route: Route) -> web.StreamResponse:
         policy = rt.policy
         ws = _is_websocket(request)
@@ -227,8 +243,8 @@ class Proxy:
         if route.kind == "lesson" and student.key is not None and decision.step is not None:
             lesson = Lesson(student, student.key, route, decision, conn_id)
         if ws:
-            return await self.websocket(request, route, lesson, decision)
-        return await self.forward(request, route, lesson)
+            return await self.websocket(request, target, route, lesson, decision)
+        return await self.forward(request, target, route, lesson)
 
     def _observe_step(self, key: str, step: Any, pre: rules.Pending,
                       decision: rules.Decision) -> None:
@@ -301,14 +317,14 @@ class Proxy:
 
     # ------------------------------------------------------------ HTTP
 
-    async def forward(self, request: web.Request, route: Route | None,
+    async def forward(self, request: web.Request, target: Target, route: Route | None,
                       lesson: Lesson | None = None,
                       ) -> web.StreamResponse:
         assert self.session is not None
         if self.max_body is not None and (request.content_length or 0) > self.max_body:
             return denial("body_too_large", None, request.headers, self.rt.policy.locale,
                           status=413)
-        url = URL(self._base + request.raw_path, encoded=True)
+        url = URL(self._base + target.origin, encoded=True)
         headers = upstream_headers(request)
         data: Any = None
         body: _CappedBody | None = None
@@ -405,11 +421,11 @@ class Proxy:
 
     # ------------------------------------------------------------ WebSocket
 
-    async def websocket(self, request: web.Request, route: Route | None,
+    async def websocket(self, request: web.Request, target: Target, route: Route | None,
                         lesson: Lesson | None,
                         decision: rules.Decision | None) -> web.StreamResponse:
         assert self.session is not None
-        url = URL(self._base + request.raw_path, encoded=True)
+        url = URL(self._base + target.origin, encoded=True)
         url = url.with_scheme("wss" if url.scheme == "https" else "ws")
         protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "")
                      .split(",") if p.strip()]
@@ -547,18 +563,6 @@ async def relay(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocket
 
 def _is_websocket(request: web.Request) -> bool:
     return request.headers.get("Upgrade", "").lower() == "websocket"
-
-
-def _match_path(path: str) -> str:
-    """The path routes are matched against: decoded (aiohttp), with dot
-    segments and doubled slashes resolved, so /a/../classroom/subject/ or
-    //classroom/subject/ cannot slip past a prefix."""
-    if "/." in path or "//" in path:
-        trailing = path.endswith("/")
-        path = posixpath.normpath("/" + path.lstrip("/"))
-        if trailing and not path.endswith("/"):
-            path += "/"
-    return path
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:

@@ -22,6 +22,7 @@ from .calendar import RestDay
 from .clock import ClockLimits, ClockState, Step, advance
 from .policy import Policy, Profile, Route, stage_of
 
+BAD_PATH = "bad_path"  # the proxy decides it, before any route (paths.py)
 FORBIDDEN_FEATURE = "forbidden_feature"
 IDENTITY_REQUIRED = "identity_required"
 BAD_IDENTITY = "bad_identity"
@@ -35,6 +36,7 @@ UPSTREAM_ERROR = "upstream_error"
 LESSON_LIMIT = "lesson_limit"  # the cut-off of a live connection
 
 STATUS = {
+    BAD_PATH: 400,
     FORBIDDEN_FEATURE: 403, IDENTITY_REQUIRED: 401, BAD_IDENTITY: 400, PRESCHOOL: 403,
     CURFEW: 403, REST_DAY: 403, DAILY_LIMIT: 429, BREAK_REQUIRED: 429, STATE_UNAVAILABLE: 503,
     UPSTREAM_ERROR: 502,

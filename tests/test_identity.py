@@ -360,3 +360,45 @@ def test_jwt_bad_grade_claim_is_malformed(hs256: JwtIdentity) -> None:
     """A verified token with grade 13 is malformed."""
     token = jwt.encode(claims(grade="13"), HS_KEY, algorithm="HS256")
     assert ask(hs256, {"Authorization": f"Bearer {token}"}).problem == "malformed"
+
+
+# ---------------------------------------------------------------- hostile values
+
+def _growth(calls: Callable[[], None]) -> int:
+    import gc
+    import tracemalloc
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        calls()
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("header", ["X-Student-Id", "X-Student-Grade", "X-Student-Region"])
+def test_invented_identity_values_do_not_grow_memory(header: str) -> None:
+    """Thousands of distinct 8 KB identity values (invalid ids or grades, or
+    an unusable region beside a valid id) leave memory where it was."""
+    ident = header_identity()
+    big = "x" * 8192
+
+    def calls() -> None:
+        for i in range(2000):
+            headers = {"X-Student-Id": "stu-1", header: f"{i}{big}"}
+            ask(ident, headers)
+
+    assert _growth(calls) < 1_000_000
+
+
+@pytest.mark.parametrize(("name", "first", "second"), [
+    ("X-Student-Id", "s-1", "s-1"), ("X-Student-Grade", "5", "preschool"),
+    ("X-Student-Region", "650000", "110000")])
+def test_identity_headers_sent_twice_are_malformed(name: str, first: str, second: str) -> None:
+    """Two copies of the id, grade or region header: malformed, whatever they say."""
+    h = CIMultiDict([("X-Student-Id", "s-1")] if name != "X-Student-Id" else [])
+    h.add(name, first)
+    h.add(name.lower(), second)
+    assert header_identity()(h, {}).problem == "malformed"
