@@ -637,6 +637,17 @@ def test_compose_mounts_the_deploy_files(compose: dict[str, Any]) -> None:
                 assert Path(source).exists(), f"bind mount source {source} is missing"
 
 
+def test_compose_home_dashboard_is_the_chinese_regulator_dashboard(
+    compose: dict[str, Any],
+) -> None:
+    """Grafana opens on the zh-CN regulator dashboard, a file the mounted folder holds."""
+    grafana = compose["services"]["grafana"]
+    home = Path(grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"])
+    mounted = Path(_mounts(grafana)[str(home.parent)])
+    assert home.name == "regulator.zh-CN.json"
+    assert (mounted / home.name).is_file()
+
+
 def test_compose_default_policy_is_valid() -> None:
     """policies/default.yaml, which the compose gateways serve, passes `tutorgate check`."""
     assert DEFAULT_POLICY.exists(), f"{DEFAULT_POLICY} is missing"
