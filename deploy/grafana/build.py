@@ -473,7 +473,7 @@ REGULATOR = Board(
         ),
         Panel(
             "stat",
-            Text("Lessons within 30 minutes", "30 分钟内结束的课程"),
+            Text("Lessons within 30 minutes", "30 分钟内结束的课程占比"),
             Text(
                 "Share of finished lessons that lasted at most 30 minutes (histogram bucket"
                 " le=1800). A lesson cut at the limit ends a fraction of a second after it and"
@@ -495,7 +495,7 @@ REGULATOR = Board(
         ),
         Panel(
             "stat",
-            Text("Breaks honoured", "课间休息达标"),
+            Text("Breaks honoured", "课间休息达标率"),
             Text(
                 "Share of breaks between lessons that lasted at least min_break.",
                 "两节课之间的休息时长达到 min_break 的比例。",
@@ -663,7 +663,7 @@ REGULATOR = Board(
         ),
         Panel(
             "bargauge",
-            Text("Lessons within 30 minutes by region", "各地区 30 分钟内结束的课程"),
+            Text("Lessons within 30 minutes by region", "各地区 30 分钟内结束的课程占比"),
             Text(
                 "Share of finished lessons that lasted at most 30 minutes, per region.",
                 "各地区已结束课程中时长不超过 30 分钟的比例。" + REGION_NOTE,
