@@ -48,6 +48,7 @@ RULES_TEST = PROM_DIR / "rules_test.yml"
 PROM_CONFIG = PROM_DIR / "prometheus.yml"
 GRAFANA_DIR = ROOT / "deploy" / "grafana"
 DASHBOARDS = sorted((GRAFANA_DIR / "dashboards").glob("*.json"))
+BUILD_SCRIPT = GRAFANA_DIR / "build.py"
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
@@ -352,7 +353,12 @@ def test_dashboards_are_well_formed() -> None:
     """Each dashboard loads, has a unique uid, unique panel ids, panels inside the
     24-column grid without overlaps, and queries the provisioned datasource with
     expressions that only use known Grafana variables."""
-    assert {p.name for p in DASHBOARDS} >= {"regulator.json", "operator.json"}
+    assert {p.name for p in DASHBOARDS} >= {
+        "regulator.json",
+        "operator.json",
+        "regulator.zh-CN.json",
+        "operator.zh-CN.json",
+    }
     uid = _provisioned_datasource()["uid"]
     uids = []
     for path in DASHBOARDS:
@@ -379,6 +385,116 @@ def test_dashboards_are_well_formed() -> None:
                 assert target["expr"].strip(), where
                 assert "$" not in _concrete(target["expr"]), f"{where}: unknown variable"
     assert len(uids) == len(set(uids)), "duplicate dashboard uids"
+
+
+def _sdk_dashboard_model() -> Any:
+    """The SDK's Dashboard model; the `dashboards` extra installs it."""
+    try:
+        from grafana_foundation_sdk.models.dashboard import Dashboard
+    except ImportError:
+        pytest.fail(f"grafana-foundation-sdk is missing: pip install -e '{ROOT}[dashboards]'")
+    return Dashboard
+
+
+def _sdk_round_trip(board: dict[str, Any]) -> Any:
+    """The dashboard read into the SDK's model and written out again."""
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+
+    return json.loads(json.dumps(_sdk_dashboard_model().from_json(board), cls=JSONEncoder))
+
+
+def test_committed_dashboards_are_the_generators_output(tmp_path: Path) -> None:
+    """`python deploy/grafana/build.py` writes exactly the committed dashboard files,
+    byte for byte, and no dashboard file exists that it does not write."""
+    _sdk_dashboard_model()
+    result = _run([sys.executable, str(BUILD_SCRIPT), "--out", str(tmp_path)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    built = {p.name: p.read_bytes() for p in tmp_path.glob("*.json")}
+    committed = {p.name: p.read_bytes() for p in DASHBOARDS}
+    assert sorted(built) == sorted(committed)
+    stale = [name for name in built if built[name] != committed[name]]
+    assert stale == [], f"regenerate with: python {BUILD_SCRIPT.relative_to(ROOT)}"
+
+
+def test_build_check_fails_on_a_hand_edited_dashboard(tmp_path: Path) -> None:
+    """`build.py --check` exits 0 on the committed files and 1, naming the file,
+    when one was edited by hand."""
+    _sdk_dashboard_model()
+    for path in DASHBOARDS:
+        shutil.copy(path, tmp_path / path.name)
+    check = [sys.executable, str(BUILD_SCRIPT), "--check", "--out", str(tmp_path)]
+    result = _run(check)
+    assert result.returncode == 0, result.stdout + result.stderr
+    edited = tmp_path / "regulator.zh-CN.json"
+    edited.write_text(edited.read_text().replace("拍照搜题拦截", "Photo search"))
+    result = _run(check)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "regulator.zh-CN.json" in result.stdout + result.stderr
+
+
+def test_dashboards_round_trip_through_the_sdk_model() -> None:
+    """Each dashboard file reads into grafana-foundation-sdk's Dashboard model and
+    writes back unchanged: every key is one Grafana's schema knows."""
+    for path in DASHBOARDS:
+        board = json.loads(path.read_text())
+        assert _sdk_round_trip(board) == board, path.name
+
+
+def test_sdk_round_trip_catches_a_key_outside_the_schema() -> None:
+    """A misspelt panel key (hand-written JSON's usual slip) does not survive the
+    SDK's model, so the round-trip test would catch it."""
+    board = json.loads((GRAFANA_DIR / "dashboards" / "operator.json").read_text())
+    board["panels"][0]["gridpos"] = board["panels"][0].pop("gridPos")
+    assert _sdk_round_trip(board) != board
+
+
+CJK = re.compile(r"[\u4e00-\u9fff]")
+
+
+def test_every_chinese_dashboard_text_is_chinese() -> None:
+    """In each zh-CN dashboard the title, description, every panel title and
+    description, and every value mapping's text contain Chinese characters."""
+    boards = [p for p in DASHBOARDS if p.name.endswith(".zh-CN.json")]
+    assert {p.name for p in boards} == {"operator.zh-CN.json", "regulator.zh-CN.json"}
+    problems = []
+    for path in boards:
+        board = json.loads(path.read_text())
+        texts = [("title", board["title"]), ("description", board.get("description", ""))]
+        for panel in _panels(board["panels"]):
+            where = f"panel {panel['id']}"
+            texts += [(f"{where} title", panel["title"])]
+            texts += [(f"{where} description", panel.get("description", ""))]
+            for mapping in panel.get("fieldConfig", {}).get("defaults", {}).get("mappings", []):
+                texts += [(f"{where} mapping", o["text"]) for o in mapping["options"].values()]
+        problems += [
+            f"{path.name}: {what}: {text!r}" for what, text in texts if not CJK.search(text)
+        ]
+    assert problems == []
+
+
+TEXT_KEYS = {"title", "description", "legendFormat", "text", "links", "uid", "tags", "weekStart"}
+
+
+def _without_text(item: Any) -> Any:
+    """The dashboard with every human-readable text (and its uid, tags, links) left out."""
+    if isinstance(item, dict):
+        return {k: _without_text(v) for k, v in item.items() if k not in TEXT_KEYS}
+    if isinstance(item, list):
+        return [_without_text(v) for v in item]
+    return item
+
+
+def test_each_chinese_dashboard_shows_what_its_english_twin_shows() -> None:
+    """A zh-CN dashboard has its English twin's panels, layout, queries, units and
+    thresholds; only the words differ (and its uid ends in -zh-cn)."""
+    for path in DASHBOARDS:
+        if not path.name.endswith(".zh-CN.json"):
+            continue
+        zh = json.loads(path.read_text())
+        en = json.loads((path.parent / path.name.replace(".zh-CN", "")).read_text())
+        assert zh["uid"] == en["uid"] + "-zh-cn"
+        assert zh["title"] != en["title"]
+        assert _without_text(zh) == _without_text(en), path.name
 
 
 def test_dashboards_use_only_exported_metrics_and_labels() -> None:
@@ -519,6 +635,17 @@ def test_compose_mounts_the_deploy_files(compose: dict[str, Any]) -> None:
         for source in _mounts(service).values():
             if source.startswith("/"):
                 assert Path(source).exists(), f"bind mount source {source} is missing"
+
+
+def test_compose_home_dashboard_is_the_chinese_regulator_dashboard(
+    compose: dict[str, Any],
+) -> None:
+    """Grafana opens on the zh-CN regulator dashboard, a file the mounted folder holds."""
+    grafana = compose["services"]["grafana"]
+    home = Path(grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"])
+    mounted = Path(_mounts(grafana)[str(home.parent)])
+    assert home.name == "regulator.zh-CN.json"
+    assert (mounted / home.name).is_file()
 
 
 def test_compose_default_policy_is_valid() -> None:
