@@ -139,6 +139,8 @@ class RedisClient:
             self._apply(table)
         except StoreUnavailable as exc:
             log.warning("redis cluster: %s", exc)
+        except Exception:
+            log.exception("redis cluster: refreshing the slot map failed")
         finally:
             self._refreshed_at = time.monotonic()
             self._refreshing = None
@@ -177,7 +179,11 @@ class RedisClient:
         t0 = time.perf_counter()
         try:
             node = self._single or await self._node(key)
-            replies = await _send(node, commands)
+            # _send, inlined: this is the hot path
+            loop = asyncio.get_running_loop()
+            futs = [loop.create_future() for _ in commands]
+            node.queue(commands, futs)
+            replies = [await futs[0]] if len(futs) == 1 else list(await asyncio.gather(*futs))
             for r in replies:
                 if isinstance(r, hiredis.ReplyError):
                     replies = await self._recover(node, op, commands, replies, script, calls)
