@@ -140,3 +140,78 @@ class Cluster:
     def stop(self) -> None:
         for s in self.servers:
             s.kill()
+
+
+class SentinelSet:
+    """A master, its replica and 3 Sentinels watching them as `svc`."""
+
+    def __init__(self, workdir: Path, *, sentinel_password: str | None = None) -> None:
+        self.master = Server(workdir)
+        self.replica = Server(workdir, "--replicaof", "127.0.0.1", str(self.master.port))
+        self.sentinels: list[Server] = []
+        for _ in range(3):
+            port = free_port()
+            conf = workdir / f"sentinel-{port}.conf"   # writable: Sentinel rewrites it
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {workdir}\n"
+                f"sentinel monitor svc 127.0.0.1 {self.master.port} 2\n"
+                "sentinel down-after-milliseconds svc 1000\n"
+                "sentinel failover-timeout svc 5000\n"
+                + (f"requirepass {sentinel_password}\n" if sentinel_password else ""))
+            log = open(workdir / f"sentinel-{port}.log", "ab")  # noqa: SIM115
+            s = Server.__new__(Server)
+            s.port, s.workdir, s.options = port, workdir, ()
+            s.proc = subprocess.Popen([_exe("redis-server"), str(conf), "--sentinel"],
+                                      stdout=log, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL)
+            log.close()
+            self.sentinels.append(s)
+        auth = ["--pass", sentinel_password] if sentinel_password else []
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            info = cli(self.master.port, "INFO", "replication")
+            known = all("num-other-sentinels" in cli(s.port, *auth, "SENTINEL", "MASTER", "svc")
+                        for s in self.sentinels)
+            if "connected_slaves:1" in info and known and "master_link_status:up" in cli(
+                    self.replica.port, "INFO", "replication"):
+                break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError("sentinel set did not come up")
+        self.url = ("redis+sentinel://" + ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+                    + "/svc")
+
+    def current_master(self, sentinel_password: str | None = None) -> int:
+        auth = ["--pass", sentinel_password] if sentinel_password else []
+        for s in self.sentinels:
+            out = cli(s.port, *auth, "SENTINEL", "get-master-addr-by-name", "svc").split()
+            if len(out) == 2 and out[1].isdigit():
+                return int(out[1])
+        raise RuntimeError("no sentinel answers")
+
+    def stop(self) -> None:
+        for s in [*self.sentinels, self.master, self.replica]:
+            s.kill()
+
+
+def make_certs(d: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (openssl)."""
+    openssl = _exe("openssl")
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True, cwd=d)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+        "-keyout", "ca.key", "-out", "ca.crt")
+    for name in ("server", "client", "other"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name in ("server", "client"):
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-out", f"{name}.crt", "-extfile", "san.ext")
+    # a certificate signed by nobody the server trusts
+    run("x509", "-req", "-in", "other.csr", "-signkey", "other.key", "-days", "2",
+        "-out", "other.crt")
+    return {n: d / n for n in ("ca.crt", "server.crt", "server.key", "client.crt",
+                                "client.key", "other.crt", "other.key")}
