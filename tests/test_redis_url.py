@@ -82,8 +82,8 @@ def test_serve_refuses_a_bad_url_before_binding(tmp_path: Path) -> None:
     policy = tmp_path / "p.yaml"
     policy.write_text("version: 1\nroutes: []\n")
     out = subprocess.run(
-        [str(Path(sys.executable).parent / "tutorgate"), "serve", "--policy", str(policy), "--upstream",
-         "http://127.0.0.1:9", "--listen", f"127.0.0.1:{free_port()}",
+        [str(Path(sys.executable).parent / "tutorgate"), "serve", "--policy", str(policy),
+         "--upstream", "http://127.0.0.1:9", "--listen", f"127.0.0.1:{free_port()}",
          "--redis", "redis+sentinel://127.0.0.1:1"],
         capture_output=True, text=True, timeout=30,
         env={"PATH": "/usr/bin:/bin", "TUTORGATE_ID_SECRET": "s"})
