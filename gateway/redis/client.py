@@ -179,7 +179,6 @@ class RedisClient:
         t0 = time.perf_counter()
         try:
             node = self._single or await self._node(key)
-            # _send, inlined: this is the hot path
             loop = asyncio.get_running_loop()
             futs = [loop.create_future() for _ in commands]
             node.queue(commands, futs)
@@ -265,15 +264,6 @@ class RedisClient:
         for node in nodes:
             if node is not None:
                 await node.close()
-
-
-async def _send(node: Node, commands: list[bytes]) -> list[Any]:
-    loop = asyncio.get_running_loop()
-    futs = [loop.create_future() for _ in commands]
-    node.queue(commands, futs)
-    if len(futs) == 1:
-        return [await futs[0]]
-    return list(await asyncio.gather(*futs))  # gather retrieves every failure
 
 
 def _send1(node: Node, command: bytes, *, asking: bool = False) -> asyncio.Future[Any]:
