@@ -39,6 +39,7 @@ from .policy import (
     relative_reader,
 )
 from .proxy import Proxy, Runtime
+from .redis import RedisClient
 from .scheduler import Scheduler
 from .server import (
     ConnGuard,
@@ -65,6 +66,8 @@ class Gateway:
         self.metrics = metrics or Metrics()
         secret = settings.id_secret or os.urandom(32)
         self.pseudonym = Pseudonymizer(secret)
+        # the one Redis client every Redis user of this process shares
+        self.redis: RedisClient | None = None
         self.store = store or self._make_store()
         # the one clock every deadline of this process is computed on
         self.clock = self.store.clock
@@ -80,9 +83,9 @@ class Gateway:
         self.metrics.calendar_provisional.set_function(self.calendar_provisional)
         self.audit: AuditWriter | None = None
         if settings.redis_url:
-            self.audit = AuditWriter(settings.redis_url, settings.instance_name, self.metrics,
-                                     policy.model.timezone, settings.audit_retention_days,
-                                     clock=self.clock)
+            self.audit = AuditWriter(self.redis or settings.redis_url, settings.instance_name,
+                                     self.metrics, policy.model.timezone,
+                                     settings.audit_retention_days, clock=self.clock)
             self.proxy.on_event = self.audit.record
             self.live.on_cut_event = self._audit_cut
         self._policy_stamp = self._stamp()
@@ -112,7 +115,8 @@ class Gateway:
                     up[0] = ok
                     self.metrics.store_up.set(1 if ok else 0)
 
-            return RedisStore(self.settings.redis_url, on_call=on_call)
+            self.redis = RedisClient(self.settings.redis_url, on_call=on_call)
+            return RedisStore(self.redis)
         return MemoryStore()
 
     # ------------------------------------------------------------ policy
@@ -292,8 +296,9 @@ class Gateway:
         await self.store.subscribe_cuts(self.live.on_cut)
         follower = None
         if self.settings.redis_url:
-            follower = asyncio.create_task(
-                follow(self.settings.redis_url, self.apply_pushed, self._stop_follow))
+            follower = asyncio.create_task(follow(
+                self.redis or RedisClient(self.settings.redis_url), self.apply_pushed,
+                self._stop_follow))
         if self.audit is not None:
             await self.audit.start()
         self.scheduler.every("lease-renewal", 10, self.live.renew_leases)
@@ -324,6 +329,8 @@ class Gateway:
                 await self.audit.close()
             await self.proxy.close()
             await self.store.close()
+            if self.redis is not None:
+                await self.redis.close()
 
     def main_app(self) -> web.Application:
         # auto_decompress=False: gzip bodies pass through as they are (docs/design.md)

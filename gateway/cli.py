@@ -91,6 +91,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if redis_url and not secret:
         return _fail("TUTORGATE_ID_SECRET is required with --redis: student pseudonyms must "
                      "agree across instances and restarts")
+    if redis_url and (bad := _redis_problem(redis_url)):
+        return _fail(bad)
     policy = _load(policy_path)
     if isinstance(policy, int):
         return policy
@@ -302,6 +304,8 @@ def cmd_policy_push(a: argparse.Namespace) -> int:
     redis_url = a.redis or env("TUTORGATE_REDIS_URL")
     if not redis_url:
         return _fail("policy push needs --redis URL")
+    if bad := _redis_problem(redis_url):
+        return _fail(bad)
     from .fleet import push_policy
     try:
         n = asyncio.run(push_policy(redis_url, Path(a.file).read_text(encoding="utf-8")))
@@ -310,6 +314,16 @@ def cmd_policy_push(a: argparse.Namespace) -> int:
     print(f"pushed policy sha={policy.sha} version={policy.version}; "
           f"{n} instance(s) listening")
     return 0
+
+
+def _redis_problem(url: str) -> str | None:
+    """What is wrong with a --redis URL (or its TLS settings), if anything."""
+    from .redis import RedisTarget
+    try:
+        RedisTarget.parse(url)
+    except ValueError as e:
+        return f"--redis: {e}"
+    return None
 
 
 def cmd_audit(a: argparse.Namespace) -> int:
@@ -337,6 +351,13 @@ ENV_ONLY: tuple[tuple[str, str], ...] = (
                                   "listen backlog"),
     ("TUTORGATE_JWT_KEY", "any name the policy gives in identity.jwt.key_env: the JWT "
                           "verification key"),
+    ("TUTORGATE_REDIS_CA_FILE", "with rediss://...: the CA that verifies Redis (default: "
+                                "the system's CAs)"),
+    ("TUTORGATE_REDIS_CERT_FILE", "with rediss://...: client certificate (with KEY_FILE)"),
+    ("TUTORGATE_REDIS_KEY_FILE", "with rediss://...: the client certificate's key"),
+    ("TUTORGATE_REDIS_SENTINEL_PASSWORD", "the Sentinels' own password (the URL's "
+                                          "credentials are the data nodes')"),
+    ("TUTORGATE_REDIS_PREFIX", "prefix of every Redis key and channel (default tutorgate:)"),
 )
 
 
@@ -383,8 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address of /healthz /readyz /metrics (default 127.0.0.1:9100) "
                         "[TUTORGATE_ADMIN_LISTEN]")
     s.add_argument("--redis", metavar="URL",
-                   help="Redis URL for shared state; without it state is kept in process "
-                        "memory (one instance) [TUTORGATE_REDIS_URL]")
+                   help="Redis URL for shared state: redis://, rediss://, "
+                        "redis+sentinel://H:P,.../SERVICE, redis+cluster://H:P,... "
+                        "(docs/redis.md); "
+                        "without it state is kept in process memory (one instance) "
+                        "[TUTORGATE_REDIS_URL]")
     s.add_argument("--access-log", action="store_true", default=False,
                    help="log one line per request: method, policy route (never the path), "
                         "status, time, request id, student pseudonym (default off) "

@@ -2,10 +2,10 @@
 
 `tutorgate policy push` stores the policy text under `tutorgate:policy`
 (with the time it was pushed) and announces it on the `tutorgate:policy`
-channel. Each gateway on that Redis listens and applies it at once; one
-that was down catches up at start (the newer of its file and the pushed
-policy wins) and after every reconnect. This is off the hot path, so it
-uses plain redis-py.
+channel (`tutorgate:` is the client's prefix). Each gateway on that Redis
+listens and applies it at once; one that was down catches up at start (the
+newer of its file and the pushed policy wins) and after every reconnect.
+On a cluster the announcement is a plain PUBLISH, which reaches every node.
 """
 
 from __future__ import annotations
@@ -14,80 +14,73 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from .redis import RedisClient
+from .redis.pubsub import Subscription
 
 log = logging.getLogger("tutorgate.fleet")
 
+# Names under the client's prefix (the defaults spelled out for readers).
+POLICY = "policy"
 POLICY_KEY = "tutorgate:policy"
 CHANNEL = "tutorgate:policy"
+# The push and the reads are off the hot path: a slow Redis may take this long.
+TIMEOUT = 5.0
 
 
-def _hash(got: dict[bytes, bytes]) -> tuple[bytes, float] | None:
+def _hash(reply: Any, key: str) -> tuple[bytes, float] | None:
     """The pushed text (bytes: anything may be in Redis, the gateway decodes
     and validates it) and when it was pushed; None if nothing usable is."""
-    if not got or not got.get(b"text"):
+    got = dict(zip(reply[::2], reply[1::2], strict=True)) if reply else {}
+    if not got.get(b"text"):
         return None
     try:
         pushed_at = float(got.get(b"pushed_at", b"0"))
     except ValueError:
-        log.error("policy push refused: %s: pushed_at is not a time", POLICY_KEY)
+        log.error("policy push refused: %s: pushed_at is not a time", key)
         return None
     return got[b"text"], pushed_at
 
 
-def _client(url: str) -> aioredis.Redis:
-    return aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
-
-
 async def push_policy(url: str, text: str) -> int:
-    """Store and announce; returns how many instances heard it."""
-    r = _client(url)
+    """Store and announce; returns how many subscribers heard it (on a
+    cluster: those of the node the announcement went to)."""
+    client = RedisClient(url, op_timeout=TIMEOUT)
     try:
+        key = client.prefix + POLICY
         pushed_at = repr(time.time())
-        await r.hset(POLICY_KEY, mapping={"text": text, "pushed_at": pushed_at})
-        return int(await r.publish(CHANNEL, pushed_at))
+        await client.command(None, "HSET", key, "text", text, "pushed_at", pushed_at, key=key)
+        return int(await client.command(None, "PUBLISH", key, pushed_at, key=key))
     finally:
-        await r.aclose()
+        await client.close()
 
 
-async def fetch_policy(url: str) -> tuple[bytes, float] | None:
+async def fetch_policy(client: RedisClient) -> tuple[bytes, float] | None:
     """The pushed policy text and when it was pushed, if any."""
-    r = _client(url)
-    try:
-        return _hash(await r.hgetall(POLICY_KEY))  # type: ignore[arg-type]
-    finally:
-        await r.aclose()
+    key = client.prefix + POLICY
+    return _hash(await client.command(None, "HGETALL", key, key=key), key)
 
 
-async def follow(url: str, apply: Callable[[bytes, float], None],
+async def follow(client: RedisClient, apply: Callable[[bytes, float], None],
                  stop: asyncio.Event) -> None:
     """Apply every pushed policy until `stop`; reconnects by itself, and
-    re-reads the stored policy after each (re)connect so none is missed."""
-    delay = 0.2
-    while not stop.is_set():
-        r = _client(url)
-        try:
-            async with r.pubsub() as ps:
-                await ps.subscribe(CHANNEL)
-                pushed = _hash(await r.hgetall(POLICY_KEY))  # type: ignore[arg-type]
-                if pushed is not None:
-                    _apply(apply, pushed)
-                delay = 0.2
-                while not stop.is_set():
-                    msg = await ps.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if msg is None:
-                        continue
-                    pushed = _hash(await r.hgetall(POLICY_KEY))  # type: ignore[arg-type]
-                    if pushed is not None:
-                        _apply(apply, pushed)
-        except (RedisError, OSError) as e:
-            log.warning("policy channel lost (%s); retrying in %.1fs", type(e).__name__, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-        finally:
-            await r.aclose()
+    re-reads the stored policy after each (re)subscription so none is missed."""
+
+    async def catch_up() -> None:
+        pushed = await fetch_policy(client)
+        if pushed is not None:
+            _apply(apply, pushed)
+
+    async def on_message(channel: str, data: bytes) -> None:
+        await catch_up()
+
+    sub = Subscription(client.open_pubsub, [client.prefix + POLICY], on_message, catch_up)
+    try:
+        await sub.start(0)
+        await stop.wait()
+    finally:
+        await sub.close()
 
 
 def _apply(apply: Callable[[bytes, float], None], pushed: tuple[bytes, float]) -> None:

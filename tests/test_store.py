@@ -24,13 +24,7 @@ from gateway.errors import StoreUnavailable
 from gateway.identity import Pseudonymizer
 from gateway.store.base import LEASE_SECONDS, Cut, StateStore
 from gateway.store.memory import MemoryStore
-from gateway.store.redis import (
-    ADVANCE,
-    FAST_MARGIN,
-    TOUCH_EVERY,
-    RedisStore,
-    _Known,
-)
+from gateway.store.redis import ADVANCE, FAST_MARGIN, TOUCH_EVERY, RedisStore
 from gateway.timesource import StoreClock
 
 T0 = 1_767_225_600.0          # 2026-01-01T00:00:00Z
@@ -410,7 +404,8 @@ async def test_calls_of_one_loop_pass_are_one_write(redis_server: RedisServer, k
     try:
         assert await store.ping()
         writes: list[int] = []
-        conn = store._conn
+        node = store.client.node_for(key)
+        conn = node.conn if node is not None else None
         assert conn is not None and conn.transport is not None
         real_write = conn.transport.write
 
@@ -600,40 +595,36 @@ def test_works_on_uvloop(redis_server: RedisServer, key: str) -> None:
 
 # --------------------------------------------------------------- the fast path
 
-async def _flushed(store: RedisStore) -> None:
-    """Let the loop pass that writes the queued touches run, and Redis answer."""
-    await store.ping()
-
-
-async def test_known_lesson_continues_without_a_round_trip(redis_server: RedisServer,
+async def test_known_lesson_continues_without_a_round_trip(private_redis: RedisServer,
                                                            key: str) -> None:
-    """A lesson Redis just allowed goes on locally (no awaited call), and the
-    activity is written behind: within TOUCH_EVERY, or ahead of a script that
-    reads it, Redis's last activity moves."""
-    store, other = RedisStore(redis_server.url), RedisStore(redis_server.url)
-    calls: list[str] = []
-    store._on_call = lambda op, s, ok: calls.append(op)
+    """A lesson Redis just allowed goes on while Redis is frozen (SIGSTOP): the
+    continuing request waits for nothing. The activity is written behind:
+    once Redis runs again it holds the last activity, and a script of this
+    instance that reads the clock sees it."""
+    store, other = RedisStore(private_redis.url), RedisStore(private_redis.url)
+    proc = private_redis.proc
+    assert proc is not None
     try:
         first = await store.advance(key, L, DAY, DAY_END)
         assert first.started
         await asyncio.sleep(0.05)
-        second = await store.advance(key, L, DAY, DAY_END)
-        assert calls == ["advance"], "the continuing request waited on Redis"
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            t = time.perf_counter()
+            second = await asyncio.wait_for(store.advance(key, L, DAY, DAY_END), 0.1)
+            assert time.perf_counter() - t < 0.05
+        finally:
+            proc.send_signal(signal.SIGCONT)
         assert second.outcome == "allow" and not second.started
         assert second.start == first.start
         assert second.remaining == pytest.approx(MAX - (second.now - first.start), abs=0.01)
-        # a script of this instance reading the clock gets the touch first
-        state, _ = await store.peek(key)
-        assert calls == ["advance", "touch", "peek"]
+        state, _ = await store.peek(key)                   # this instance: written first
         assert state.start == first.start
         assert state.last == pytest.approx(second.now, abs=1e-3)
-        assert state.last > first.now
-        # another instance sees it once the touches are flushed (timer)
         third = await store.advance(key, L, DAY, DAY_END)
-        await asyncio.sleep(TOUCH_EVERY + 0.1)
+        await asyncio.sleep(TOUCH_EVERY + 0.1)             # another instance: within TOUCH_EVERY
         seen, _ = await other.peek(key)
         assert seen.last == pytest.approx(third.now, abs=1e-3)
-        assert calls == ["advance", "touch", "peek", "touch"]
     finally:
         await store.close()
         await other.close()
@@ -646,10 +637,9 @@ async def test_known_lesson_needs_no_resync_until_its_end(redis_server: RedisSer
     later (the store clock's monotonic time moved on) the request is still
     answered locally, with the remaining time counted from the start."""
     shift = [0.0]
-    store = RedisStore(redis_server.url,
-                       clock=StoreClock(mono=lambda: time.monotonic() + shift[0]))
     calls: list[str] = []
-    store._on_call = lambda op, s, ok: calls.append(op)
+    store = RedisStore(redis_server.url, on_call=lambda op, s, ok: calls.append(op),
+                       clock=StoreClock(mono=lambda: time.monotonic() + shift[0]))
     try:
         first = await store.advance(key, L, DAY, DAY_END)
         for minutes in (5, 10, 15, 20, 25):   # activity every 5 min < the 10 min break
@@ -671,9 +661,8 @@ async def test_fast_path_never_starts_a_lesson_or_ends_a_break(redis_server: Red
     connection, a daily limit, after a cut, or on a new connection to Redis,
     the request takes the script."""
     short = ClockLimits(max_duration=1.5, min_break=30.0)
-    store = RedisStore(redis_server.url)
     calls: list[str] = []
-    store._on_call = lambda op, s, ok: calls.append(op)
+    store = RedisStore(redis_server.url, on_call=lambda op, s, ok: calls.append(op))
     try:
         await store.advance(key, short, DAY, DAY_END)          # a 1.5 s lesson
         await asyncio.sleep(0.6)                                # < FAST_MARGIN to its end
@@ -700,13 +689,15 @@ async def test_fast_path_never_starts_a_lesson_or_ends_a_break(redis_server: Red
         await store.subscribe_cuts(lambda cut: heard.set())
         await store.publish_cut(Cut(other, "policy", "test"))
         await asyncio.wait_for(heard.wait(), 2)
-        assert other not in store._known, "a cut must send the student back to Redis"
-        await store.advance(other, L, DAY, DAY_END)             # learnt again
-        assert store._conn is not None
-        store._conn.fail("test: connection dropped")
+        calls.clear()
+        await store.advance(other, L, DAY, DAY_END)             # a cut: the script
+        assert "advance" in calls, "a cut must send the student back to Redis"
+        calls.clear()
+        await store.advance(other, L, DAY, DAY_END)             # learnt again: fast
+        async with aioredis.Redis.from_url(redis_server.url) as admin:
+            await admin.client_kill_filter(_type="normal", skipme=True)  # Redis drops us
         await store.advance(other, L, DAY, DAY_END)             # a new connection: the script
-        assert calls.count("advance") == 2
-        assert not store._known or other in store._known        # learnt from the new one
+        assert calls.count("advance") == 1
     finally:
         await store.close()
 
@@ -718,9 +709,8 @@ async def test_fast_path_stops_before_the_daily_limit(redis_server: RedisServer,
     shadowed daily limit takes the script every time (it counts the
     shadowed denials)."""
     daily = ClockLimits(max_duration=MAX, min_break=BRK, daily_max=1.6)
-    store = RedisStore(redis_server.url)
     calls: list[str] = []
-    store._on_call = lambda op, s, ok: calls.append(op)
+    store = RedisStore(redis_server.url, on_call=lambda op, s, ok: calls.append(op))
     try:
         first = await store.advance(key, daily, DAY, DAY_END)
         fast = await store.advance(key, daily, DAY, DAY_END)
@@ -744,16 +734,18 @@ async def test_touch_leaves_a_newer_lesson_alone(redis_server: RedisServer, key:
     instance started a new one) does not move the new lesson's activity."""
     a, b = RedisStore(redis_server.url), RedisStore(redis_server.url)
     try:
-        t0 = 1_000_000.0
-        await a.advance(key, L, DAY, DAY_END, now=t0)
-        await b.advance(key, L, DAY, DAY_END, now=t0 + MAX + BRK + 1)   # a new lesson
-        state, _ = await b.peek(key, now=t0 + MAX + BRK + 1)
-        # a touch carrying the old lesson's start
-        head = a._touch_head(key, repr(t0))
-        a._queue_touches([(key, _Known(repr(t0), t0, t0 + MAX + BRK + 5, L, head, t0 + MAX))])
-        await _flushed(a)
-        after, _ = await b.peek(key, now=t0 + MAX + BRK + 1)
-        assert after.last == state.last and after.start == state.start
+        first = await a.advance(key, L, DAY, DAY_END)              # a knows this lesson
+        later = first.now + MAX + BRK + 1
+        new = await b.advance(key, L, DAY, DAY_END, now=later)     # b: a new lesson
+        assert new.started
+        state, _ = await b.peek(key, now=later)
+        fast = await a.advance(key, L, DAY, DAY_END)               # a: the old lesson, fast
+        assert fast.start == first.start
+        await asyncio.sleep(TOUCH_EVERY + 0.1)                     # its touch is written
+        after, _ = await b.peek(key, now=later)
+        assert (after.start, after.last) == (state.start, state.last)
+        again = await a.advance(key, L, DAY, DAY_END)              # a asks Redis again
+        assert again.start == new.start
     finally:
         await a.close()
         await b.close()
@@ -769,7 +761,6 @@ async def test_a_lesson_redis_lost_is_forgotten(redis_server: RedisServer, key: 
         await client.delete(f"tutorgate:{{{key}}}:clock")
         await store.advance(key, L, DAY, DAY_END)            # fast: Redis not asked
         await asyncio.sleep(TOUCH_EVERY + 0.1)                # the touch answers 0
-        assert key not in store._known
         again = await store.advance(key, L, DAY, DAY_END)
         assert again.started and again.start > first.start
     finally:
@@ -779,19 +770,20 @@ async def test_a_lesson_redis_lost_is_forgotten(redis_server: RedisServer, key: 
 async def test_known_lessons_are_bounded(redis_server: RedisServer, key: str,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """At KNOWN_MAX the lessons that are over are dropped; the ones going on stay."""
-    import gateway.store.redis as redis_store
+    import gateway.store.fastpath as fastpath
 
-    monkeypatch.setattr(redis_store, "KNOWN_MAX", 3)
+    monkeypatch.setattr(fastpath, "KNOWN_MAX", 3)
     brief = ClockLimits(max_duration=0.3, min_break=30.0)
     store = RedisStore(redis_server.url)
     try:
         await store.advance(key + "-long", L, DAY, DAY_END)
         for i in range(2):
             await store.advance(f"{key}-{i}", brief, DAY, DAY_END)
-        assert len(store._known) == 3
+        assert len(store.fast) == 3
         await asyncio.sleep(0.4)                               # the brief ones are over
         await store.advance(key + "-new", L, DAY, DAY_END)
-        assert set(store._known) == {key + "-long", key + "-new"}
+        assert len(store.fast) == 2
+        assert key + "-long" in store.fast and key + "-new" in store.fast
     finally:
         await store.close()
 
@@ -800,9 +792,8 @@ async def test_touch_survives_a_flushed_script_cache(redis_server: RedisServer, 
                                                      client: aioredis.Redis) -> None:
     """SCRIPT FLUSH (or a failover) between two touches: the touch that meets
     NOSCRIPT goes again as EVAL, and the activity still reaches Redis."""
-    store = RedisStore(redis_server.url)
     calls: list[tuple[str, bool]] = []
-    store._on_call = lambda op, s, ok: calls.append((op, ok))
+    store = RedisStore(redis_server.url, on_call=lambda op, s, ok: calls.append((op, ok)))
     try:
         await store.advance(key, L, DAY, DAY_END)
         await client.script_flush()
