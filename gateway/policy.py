@@ -41,7 +41,8 @@ from .calendar import (
     Vacation,
     missing_law_days,
 )
-from .clock import ClockLimits
+from .clock import Limits
+from .codes import SHADOWABLE
 from .errors import PolicyError
 from .messages import Locale
 from .paths import Refused, Target, canonical
@@ -112,8 +113,7 @@ Zone = Annotated[str, BeforeValidator(parse_zone)]
 
 # Rule codes a policy may shadow (identity and forbidden features included:
 # an operator may trial a new forbidden route before enforcing it).
-SHADOWABLE = ("forbidden_feature", "identity_required", "bad_identity", "preschool", "curfew",
-              "rest_day", "daily_limit", "break_required")
+# codes.SHADOWABLE spelled out for the schema's error messages (a test holds them equal)
 ShadowRule = Literal["forbidden_feature", "identity_required", "bad_identity", "preschool",
                      "curfew", "rest_day", "daily_limit", "break_required"]
 Stage = Literal["primary", "junior", "senior"]
@@ -352,13 +352,6 @@ class Route:
 
 
 @dataclass(frozen=True)
-class Limits:
-    max_duration: int
-    min_break: int
-    daily_max: int | None
-
-
-@dataclass(frozen=True)
 class Profile:
     """Everything the rules need for one (region, stage)."""
 
@@ -367,8 +360,12 @@ class Profile:
     curfew_start: dt.time
     curfew_end: dt.time
     calendar: RestCalendar
-    limits: Limits
-    clock: ClockLimits     # the limits as the lesson clock takes them (shadowing applied)
+    limits: Limits         # as the lesson clock takes them (shadowing applied)
+
+    @property
+    def clock(self) -> Limits:
+        """The lesson-clock limits (the same object as `limits`)."""
+        return self.limits
 
 
 @dataclass(frozen=True)
@@ -458,7 +455,8 @@ def _compile(model: PolicyModel, source: str, sha: str, national: NationalCalend
             national=national,
             makeup_days_are_rest_days=pick("makeup_days_are_rest_days"))
 
-    def limits(*layers: tuple[LessonOverride | LessonSettings | None, int | None]) -> Limits:
+    def limits(*layers: tuple[LessonOverride | LessonSettings | None, int | None],
+               ) -> tuple[int, int, int | None]:
         mx, mb, daily = model.lesson.max_duration, model.lesson.min_break, model.daily_max
         for lesson, dmax in layers:
             if lesson is not None:
@@ -466,7 +464,7 @@ def _compile(model: PolicyModel, source: str, sha: str, national: NationalCalend
                 mb = lesson.min_break or mb
             if dmax is not None:
                 daily = dmax
-        return Limits(mx, mb, daily)
+        return mx, mb, daily
 
     shadow = frozenset(SHADOWABLE) if model.mode == "shadow" else frozenset(model.shadow_rules)
     profiles: dict[tuple[str | None, str | None], Profile] = {}
@@ -484,14 +482,13 @@ def _compile(model: PolicyModel, source: str, sha: str, national: NationalCalend
         for stage in (None, "primary", "junior", "senior"):
             st = model.stages.get(stage) if stage else None
             stage_layer = (st.lesson if st else None, st.daily_max if st else None)
-            lim = limits(region_layer, stage_layer)
+            mx, mb, daily = limits(region_layer, stage_layer)
             profiles[(code, stage)] = Profile(
                 region="other" if code == OTHER_REGION else code or "base", tz=tz,
                 curfew_start=cf.start, curfew_end=cf.end,
-                calendar=cal, limits=lim,
-                clock=ClockLimits(lim.max_duration, lim.min_break, lim.daily_max,
-                                  enforce_break="break_required" not in shadow,
-                                  enforce_daily="daily_limit" not in shadow))
+                calendar=cal,
+                limits=Limits(mx, mb, daily, enforce_break="break_required" not in shadow,
+                              enforce_daily="daily_limit" not in shadow))
     # prefixes were validated: canonical() accepts them
     keys = tuple((t.key if isinstance(t := canonical(r.prefix, model.paths.case_sensitive),
                                       Target) else r.prefix, r) for r in routes)

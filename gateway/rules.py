@@ -19,28 +19,23 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .calendar import RestDay
-from .clock import ClockLimits, ClockState, Step, advance
+from .clock import ClockState, Limits, Step, advance, lesson_deadline, step_deadline
+from .codes import STATUS, Rule
 from .policy import Policy, Profile, Route, stage_of
 
-BAD_PATH = "bad_path"  # the proxy decides it, before any route (paths.py)
-FORBIDDEN_FEATURE = "forbidden_feature"
-IDENTITY_REQUIRED = "identity_required"
-BAD_IDENTITY = "bad_identity"
-PRESCHOOL = "preschool"
-CURFEW = "curfew"
-REST_DAY = "rest_day"
-DAILY_LIMIT = "daily_limit"
-BREAK_REQUIRED = "break_required"
-STATE_UNAVAILABLE = "state_unavailable"
-UPSTREAM_ERROR = "upstream_error"
-LESSON_LIMIT = "lesson_limit"  # the cut-off of a live connection
-
-STATUS = {
-    BAD_PATH: 400,
-    FORBIDDEN_FEATURE: 403, IDENTITY_REQUIRED: 401, BAD_IDENTITY: 400, PRESCHOOL: 403,
-    CURFEW: 403, REST_DAY: 403, DAILY_LIMIT: 429, BREAK_REQUIRED: 429, STATE_UNAVAILABLE: 503,
-    UPSTREAM_ERROR: 502,
-}
+# The codes under their old names (codes.Rule is the one list).
+BAD_PATH = Rule.BAD_PATH  # the proxy decides it, before any route (paths.py)
+FORBIDDEN_FEATURE = Rule.FORBIDDEN_FEATURE
+IDENTITY_REQUIRED = Rule.IDENTITY_REQUIRED
+BAD_IDENTITY = Rule.BAD_IDENTITY
+PRESCHOOL = Rule.PRESCHOOL
+CURFEW = Rule.CURFEW
+REST_DAY = Rule.REST_DAY
+DAILY_LIMIT = Rule.DAILY_LIMIT
+BREAK_REQUIRED = Rule.BREAK_REQUIRED
+STATE_UNAVAILABLE = Rule.STATE_UNAVAILABLE
+UPSTREAM_ERROR = Rule.UPSTREAM_ERROR
+LESSON_LIMIT = Rule.LESSON_LIMIT  # the cut-off of a live connection
 
 # What a person reads for each code is in messages.py (zh-CN and en).
 
@@ -80,6 +75,7 @@ class Decision:
     end_rule: str = LESSON_LIMIT  # what ends the lesson: lesson_limit, curfew, daily_limit
     # the rest-day answer rests on the law's fallback, not on official data
     provisional: bool = False
+    deadline: float | None = None  # allowed lesson: when it must end (the store's clock)
 
     @property
     def status(self) -> int:
@@ -95,7 +91,7 @@ class Pending:
     route: Route
     student: Student
     profile: Profile
-    limits: ClockLimits
+    limits: Limits
     day: int
     seconds_to_day_end: float
     until_curfew: float
@@ -103,6 +99,7 @@ class Pending:
     checked: tuple[Check, ...] = field(default_factory=tuple)
     trace: bool = False
     provisional: bool = False
+    now: float = 0.0             # the time the rules were checked at
 
 
 # ---------------------------------------------------------------- time helpers
@@ -190,9 +187,9 @@ def local_day(profile: Profile, now: float) -> tuple[dt.date, float]:
     return _day_at(profile, dt.datetime.fromtimestamp(now, profile.tz))
 
 
-def clock_limits(policy: Policy, profile: Profile) -> ClockLimits:
+def clock_limits(policy: Policy, profile: Profile) -> Limits:
     """The lesson-clock limits of a profile (compiled with the policy)."""
-    return profile.clock
+    return profile.limits
 
 
 # ---------------------------------------------------------------- the engine
@@ -290,8 +287,9 @@ def precheck(policy: Policy, route: Route, student: Student, now: float,
     else:
         miss(REST_DAY, lambda: "non-subject classes are not bound by rest days")
 
-    return Pending(route, student, profile, profile.clock, today.toordinal(),
-                   to_midnight, to_start, tuple(shadowed), tuple(checked), trace, provisional)
+    return Pending(route, student, profile, profile.limits, today.toordinal(),
+                   to_midnight, to_start, tuple(shadowed), tuple(checked), trace, provisional,
+                   now)
 
 
 def _precheck_fast(policy: Policy, route: Route, student: Student,
@@ -316,9 +314,9 @@ def _precheck_fast(policy: Policy, route: Route, student: Student,
     if subject and f.rest is not None:
         return Decision(False, REST_DAY, None if f.rest_retry is None else f.rest_retry - frac,
                         region=profile.region, provisional=f.provisional)
-    return Pending(route, student, profile, profile.clock, f.today.toordinal(),
+    return Pending(route, student, profile, profile.limits, f.today.toordinal(),
                    f.to_midnight - frac, f.to_start - frac,
-                   provisional=subject and f.provisional)
+                   provisional=subject and f.provisional, now=now)
 
 
 def finish(pending: Pending, step: Step) -> Decision:
@@ -359,16 +357,11 @@ def finish(pending: Pending, step: Step) -> Decision:
 
 def _allowed(pending: Pending, step: Step, shadowed: tuple[str, ...],
              checked: tuple[Check, ...]) -> Decision:
-    """An allowed step: the time left, and the rule that will end the lesson."""
-    lim = pending.limits
-    remaining = step.remaining if step.remaining is not None else float(lim.max_duration)
-    end_rule = LESSON_LIMIT
-    if remaining < step.start + lim.max_duration - step.now - 1e-6:
-        end_rule = DAILY_LIMIT
-    if pending.until_curfew < remaining:
-        remaining, end_rule = pending.until_curfew, CURFEW
-    return Decision(True, None, None, remaining, shadowed, checked, step, pending.profile.region,
-                    end_rule, pending.provisional)
+    """An allowed step: the time left, and the rule that will end the lesson
+    (the clock's answer: clock.step_deadline)."""
+    d = step_deadline(step, pending.limits, pending.until_curfew)
+    return Decision(True, None, None, d.at - step.now, shadowed, checked, step,
+                    pending.profile.region, d.rule, pending.provisional, d.at)
 
 
 def decide(policy: Policy, route: Route, student: Student, state: ClockState,
@@ -382,12 +375,14 @@ def decide(policy: Policy, route: Route, student: Student, state: ClockState,
 
 
 def unavailable(pending: Pending, fail_open: bool) -> Decision:
-    """The store did not answer: fail closed (503) or open (allowed, no clock)."""
+    """The store did not answer: fail closed (503) or open (allowed, no clock:
+    as long as a lesson starting now may run)."""
     checked = (*pending.checked, Check(STATE_UNAVAILABLE, True, "the state store did not answer"))
     if fail_open:
-        return Decision(True, None, None, min(float(pending.limits.max_duration),
-                                              pending.until_curfew),
-                        pending.shadowed, checked, None, pending.profile.region,
-                        provisional=pending.provisional)
+        now = pending.now
+        d = lesson_deadline(ClockState(now, now), now, pending.limits, pending.day,
+                            pending.until_curfew)
+        return Decision(True, None, None, d.at - now, pending.shadowed, checked, None,
+                        pending.profile.region, d.rule, pending.provisional, d.at)
     return Decision(False, STATE_UNAVAILABLE, None, None, pending.shadowed, checked, None,
                     pending.profile.region, provisional=pending.provisional)
