@@ -28,8 +28,8 @@ from .audit import AuditWriter
 from .clock import lesson_deadline
 from .codes import Rule
 from .enforcement import Enforcer, Runtime
-from .errors import PolicyError, StoreUnavailable
-from .fleet import POLICY_KEY, follow
+from .errors import StoreUnavailable
+from .fleet import follow
 from .forwarding import Forwarder
 from .identity import Identify, Pseudonymizer, make_identify
 from .lessons import LessonBook
@@ -37,13 +37,10 @@ from .live import LiveConn, LiveRegistry
 from .metrics import Metrics
 from .policy import (
     Policy,
-    decode_text,
     load_policy,
-    parse_policy,
-    read_policy_text,
-    relative_reader,
 )
 from .proxy import Proxy
+from .reloading import PolicySource
 from .scheduler import Scheduler
 from .server import (
     ConnGuard,
@@ -97,9 +94,8 @@ class Gateway:
                                      clock=self.clock)
             self.enforcer.on_event = self.lessons.on_event = self.audit.record
             self.live.on_cut_event = self._audit_cut
-        self._policy_stamp = self._stamp()
-        # when the live policy was written: the newer of file and fleet push wins
-        self._policy_time = self._policy_stamp[0] if self._policy_stamp else 0.0
+        self.source = PolicySource(settings.policy_path, self.policy_dir, self.pseudonym,
+                                   self.metrics, lambda: self.policy, self.apply_policy)
         self._stop_follow = asyncio.Event()
         self.ready = False
         self.metrics.active_lessons.set_function(self.activity.active_lessons)
@@ -163,70 +159,9 @@ class Gateway:
         with contextlib.suppress(RuntimeError):
             asyncio.get_running_loop().create_task(self.reschedule_live())
 
-    def reload_text(self, text: str, source: str) -> bool:
-        """Validate and apply; an invalid policy is refused and counted, and
-        the old one stays live."""
-        try:
-            # what it names (key variables and files, calendar files) is
-            # checked here too: a reload must not fail after it was accepted
-            policy = parse_policy(text, source, relative_reader(self.policy_dir or Path(".")),
-                                  os.environ.get)
-            if policy.sha == self.policy.sha:
-                return True
-            try:
-                identify = make_identify(policy.identity, self.pseudonym, self.policy_dir)
-            except (OSError, ValueError) as e:  # the key changed since the check
-                raise PolicyError(source, [("identity.jwt", f"cannot load the key: {e}",
-                                            None)]) from None
-        except PolicyError as e:
-            self.refuse(e)
-            return False
-        self.apply_policy(policy, identify)
-        return True
-
-    def refuse(self, e: PolicyError) -> None:
-        """A policy that is not applied: counted, one ERROR line per problem."""
-        self.metrics.policy_reload_failures.inc()
-        for line in e.lines():
-            log.error("policy reload refused: %s", line)
-
     def reload_file(self) -> bool:
-        path = self.settings.policy_path
-        try:
-            text = read_policy_text(path)
-        except PolicyError as e:
-            self.refuse(e)
-            return False
-        return self.reload_text(text, path)
-
-    def _stamp(self) -> tuple[float, int] | None:
-        try:
-            st = os.stat(self.settings.policy_path)
-        except OSError:
-            return None
-        return st.st_mtime, st.st_size
-
-    async def watch_policy(self) -> None:
-        stamp = self._stamp()
-        if stamp is not None and stamp != self._policy_stamp:
-            self._policy_stamp = stamp
-            self._policy_time = max(self._policy_time, stamp[0])
-            self.reload_file()
-
-    def apply_pushed(self, raw: bytes, pushed_at: float) -> None:
-        """A policy published with `tutorgate policy push` (fleet-wide).
-        Anything may be in Redis: a text that is not UTF-8 is refused and
-        counted like any invalid policy."""
-        if pushed_at <= self._policy_time:
-            return
-        self._policy_time = pushed_at
-        source = "redis:" + POLICY_KEY
-        try:
-            text = decode_text(raw, "the pushed policy")
-        except ValueError as e:
-            self.refuse(PolicyError(source, [("", str(e), None)]))
-            return
-        self.reload_text(text, source)
+        """Read the policy file again (SIGHUP): applied if valid."""
+        return self.source.reload_file()
 
     async def reschedule_live(self) -> None:
         """Recompute every open lesson connection's deadline under the live
@@ -333,7 +268,7 @@ class Gateway:
         follower = None
         if self.settings.redis_url:
             follower = asyncio.create_task(
-                follow(self.settings.redis_url, self.apply_pushed, self._stop_follow))
+                follow(self.settings.redis_url, self.source.apply_pushed, self._stop_follow))
         try:
             yield
         finally:
@@ -344,7 +279,7 @@ class Gateway:
 
     async def _scheduler_lifetime(self, app: web.Application) -> AsyncIterator[None]:
         self.scheduler.every("lease-renewal", 10, self.live.renew_leases)
-        self.scheduler.every("policy-watch", 1, self.watch_policy)
+        self.scheduler.every("policy-watch", 1, self.source.watch)
         self.scheduler.every("lesson-sweep", 15, self.lessons.sweep)
         self.scheduler.daily("calendar-upkeep", 0, 5, 0, self.policy.model.timezone,
                              self.calendar_upkeep)

@@ -194,6 +194,33 @@ def clock_limits(policy: Policy, profile: Profile) -> Limits:
 
 # ---------------------------------------------------------------- the engine
 
+class _Trace:
+    """The rules precheck has looked at (for explain) and those shadowed."""
+
+    def __init__(self, policy: Policy, trace: bool) -> None:
+        self.policy, self.trace = policy, trace
+        self.checked: list[Check] = []
+        self.shadowed: list[str] = []
+
+    def hit(self, rule: str, why: Callable[[], str], retry: float | None = None,
+            region: str = "base", provisional: bool = False) -> Decision | None:
+        """`rule` applies: its denial, or None if the rule is shadowed."""
+        if self.trace:
+            self.checked.append(Check(rule, True, why()))
+        if rule in self.policy.shadow:
+            self.shadowed.append(rule)
+            return None
+        return Decision(False, rule, retry, None, tuple(self.shadowed), tuple(self.checked),
+                        region=region, provisional=provisional)
+
+    def miss(self, rule: str, why: Callable[[], str]) -> None:
+        if self.trace:
+            self.checked.append(Check(rule, False, why()))
+
+    def allowed(self) -> Decision:
+        return Decision(True, None, None, None, tuple(self.shadowed), tuple(self.checked))
+
+
 def precheck(policy: Policy, route: Route, student: Student, now: float,
              trace: bool = False) -> Decision | Pending:
     """The state-free rules, in order. A Decision ends it; Pending goes on to
@@ -201,56 +228,38 @@ def precheck(policy: Policy, route: Route, student: Student, now: float,
     without it and without shadowed rules the fast path answers."""
     if not trace and not policy.shadow:
         return _precheck_fast(policy, route, student, now)
-    checked: list[Check] = []
-    shadowed: list[str] = []
-
-    def hit(rule: str, why: Callable[[], str], retry: float | None = None,
-            region: str = "base", provisional: bool = False) -> Decision | None:
-        if trace:
-            checked.append(Check(rule, True, why()))
-        if rule in policy.shadow:
-            shadowed.append(rule)
-            return None
-        return Decision(False, rule, retry, None, tuple(shadowed), tuple(checked), region=region,
-                        provisional=provisional)
-
-    def miss(rule: str, why: Callable[[], str]) -> None:
-        if trace:
-            checked.append(Check(rule, False, why()))
-
+    t = _Trace(policy, trace)
     if route.kind == "forbidden":
-        d = hit(FORBIDDEN_FEATURE, lambda: f"route {route.prefix} is the forbidden feature "
-                                           f"{route.feature or route.prefix}")
-        if d is not None:
-            return d
-        return Decision(True, None, None, None, tuple(shadowed), tuple(checked))
-    miss(FORBIDDEN_FEATURE, lambda: f"route {route.prefix} is a {route.category} lesson route")
-
+        return t.hit(FORBIDDEN_FEATURE, lambda: f"route {route.prefix} is the forbidden feature "
+                                                f"{route.feature or route.prefix}") \
+            or t.allowed()
+    t.miss(FORBIDDEN_FEATURE, lambda: f"route {route.prefix} is a {route.category} lesson route")
     if student.problem is not None:
         if student.problem == "missing":
-            d = hit(IDENTITY_REQUIRED, lambda: student.why or "no student id")
+            d = t.hit(IDENTITY_REQUIRED, lambda: student.why or "no student id")
         else:
-            miss(IDENTITY_REQUIRED, lambda: "a student id is present")
-            d = hit(BAD_IDENTITY, lambda: student.why or "malformed student id or grade")
-        if d is not None:
-            return d
-        # shadowed: nobody to keep a clock for
-        return Decision(True, None, None, None, tuple(shadowed), tuple(checked))
-    miss(IDENTITY_REQUIRED, lambda: "a student id is present")
-    miss(BAD_IDENTITY, lambda: "student id and grade are well formed")
-
+            t.miss(IDENTITY_REQUIRED, lambda: "a student id is present")
+            d = t.hit(BAD_IDENTITY, lambda: student.why or "malformed student id or grade")
+        return d or t.allowed()  # shadowed: nobody to keep a clock for
+    t.miss(IDENTITY_REQUIRED, lambda: "a student id is present")
+    t.miss(BAD_IDENTITY, lambda: "student id and grade are well formed")
     grade = student.grade
     profile = policy.profile(student.region,
                              stage_of(grade) if isinstance(grade, int) else None)
-    region = profile.region
     if grade == "preschool":
-        d = hit(PRESCHOOL, lambda: "grade is preschool: no online training at all",
-                region=region)
+        d = t.hit(PRESCHOOL, lambda: "grade is preschool: no online training at all",
+                  region=profile.region)
         if d is not None:
             return d
     else:
-        miss(PRESCHOOL, lambda: f"grade {grade if grade is not None else 'not given'}")
+        t.miss(PRESCHOOL, lambda: f"grade {grade if grade is not None else 'not given'}")
+    return _precheck_times(t, route, student, profile, now)
 
+
+def _precheck_times(t: _Trace, route: Route, student: Student, profile: Profile,
+                    now: float) -> Decision | Pending:
+    """precheck's rules of the clock and the calendar: curfew, rest day."""
+    region = profile.region
     f = _facts(profile, now)
     frac = now - f.second
     inside, to_end, to_start = f.inside, f.to_end - frac, f.to_start - frac
@@ -259,12 +268,11 @@ def precheck(policy: Policy, route: Route, student: Student, now: float,
         return f"{profile.curfew_start:%H:%M:%S}-{profile.curfew_end:%H:%M:%S} {profile.tz.key}"
 
     if inside:
-        d = hit(CURFEW, lambda: f"inside the curfew {window()}", to_end, region=region)
+        d = t.hit(CURFEW, lambda: f"inside the curfew {window()}", to_end, region=region)
         if d is not None:
             return d
     else:
-        miss(CURFEW, lambda: f"outside the curfew {window()}; it starts in {int(to_start)}s")
-
+        t.miss(CURFEW, lambda: f"outside the curfew {window()}; it starts in {int(to_start)}s")
     today, to_midnight = f.today, f.to_midnight - frac
     provisional = False
     if route.category == "subject":
@@ -277,19 +285,18 @@ def precheck(policy: Policy, route: Route, student: Student, now: float,
 
         if rest is not None:
             retry = None if f.rest_retry is None else f.rest_retry - frac
-            d = hit(REST_DAY,
-                    lambda: f"{today} is a rest day ({rest.reason}: {rest.name}){mark()}",
-                    retry, region=region, provisional=provisional)
+            d = t.hit(REST_DAY,
+                      lambda: f"{today} is a rest day ({rest.reason}: {rest.name}){mark()}",
+                      retry, region=region, provisional=provisional)
             if d is not None:
                 return d
         else:
-            miss(REST_DAY, lambda: f"{today} is a school day{mark()}")
+            t.miss(REST_DAY, lambda: f"{today} is a school day{mark()}")
     else:
-        miss(REST_DAY, lambda: "non-subject classes are not bound by rest days")
-
+        t.miss(REST_DAY, lambda: "non-subject classes are not bound by rest days")
     return Pending(route, student, profile, profile.limits, today.toordinal(),
-                   to_midnight, to_start, tuple(shadowed), tuple(checked), trace, provisional,
-                   now)
+                   to_midnight, to_start, tuple(t.shadowed), tuple(t.checked), t.trace,
+                   provisional, now)
 
 
 def _precheck_fast(policy: Policy, route: Route, student: Student,

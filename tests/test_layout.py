@@ -11,7 +11,7 @@ import typing
 from pathlib import Path
 
 import gateway
-from gateway import codes, policy
+from gateway import codes, policy_schema
 
 PKG = Path(gateway.__file__).parent
 # The store is cut by its own rewrite (issue 11's store half): held to these
@@ -19,7 +19,7 @@ PKG = Path(gateway.__file__).parent
 EXEMPT_DIRS = ("store",)
 MAX_MODULE, MAX_CLASS, MAX_FUNCTION = 500, 300, 60
 # Declarations, not logic: argparse trees and metric declarations.
-EXEMPT_FUNCTIONS = {("cli/parser.py", "build_parser"), ("metrics.py", "Metrics.__init__")}
+EXEMPT_FUNCTIONS = {("cli.py", "build_parser"), ("metrics.py", "Metrics.__init__")}
 
 
 def modules() -> dict[str, Path]:
@@ -98,36 +98,38 @@ def test_bottom_layer_imports_nothing_of_the_package() -> None:
         assert not (g[core] & io), core
 
 
+def _oversized(rel: str, node: ast.AST, prefix: str = "") -> list[str]:
+    """Classes and functions under `node` over their limits."""
+    out = []
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.ClassDef):
+            size = (child.end_lineno or 0) - child.lineno + 1
+            if size > MAX_CLASS:
+                out.append(f"{rel}: class {child.name}: {size} lines")
+            out += _oversized(rel, child, f"{prefix}{child.name}.")
+        elif isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
+            size = (child.end_lineno or 0) - child.lineno + 1
+            qual = f"{prefix}{child.name}"
+            if size > MAX_FUNCTION and (rel, qual) not in EXEMPT_FUNCTIONS:
+                out.append(f"{rel}: {qual}(): {size} lines")
+    return out
+
+
 def test_sizes() -> None:
     """No module over 500 lines, class over 300, function over 60 (the store
     and declarations excepted)."""
     too_big = []
-    for name, path in modules().items():
+    for path in modules().values():
         rel = path.relative_to(PKG).as_posix()
         if rel.split("/")[0] in EXEMPT_DIRS:
             continue
         text = path.read_text()
         if len(text.splitlines()) > MAX_MODULE:
             too_big.append(f"{rel}: {len(text.splitlines())} lines")
-        tree = ast.parse(text)
-
-        def walk(node: ast.AST, prefix: str) -> None:
-            for child in ast.iter_child_nodes(node):
-                if isinstance(child, ast.ClassDef):
-                    size = (child.end_lineno or 0) - child.lineno + 1
-                    if size > MAX_CLASS:
-                        too_big.append(f"{rel}: class {child.name}: {size} lines")
-                    walk(child, f"{prefix}{child.name}.")
-                elif isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
-                    size = (child.end_lineno or 0) - child.lineno + 1
-                    qual = f"{prefix}{child.name}"
-                    if size > MAX_FUNCTION and (rel, qual) not in EXEMPT_FUNCTIONS:
-                        too_big.append(f"{rel}: {qual}(): {size} lines")
-
-        walk(tree, "")
+        too_big += _oversized(rel, ast.parse(text))
     assert too_big == []
 
 
 def test_shadowable_rules_are_the_schema_s() -> None:
     """The policy schema accepts exactly the shadowable rule codes."""
-    assert set(typing.get_args(policy.ShadowRule)) == set(codes.SHADOWABLE)
+    assert set(typing.get_args(policy_schema.ShadowRule)) == set(codes.SHADOWABLE)
