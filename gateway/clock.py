@@ -96,6 +96,11 @@ def quiet_end(last: float, limits: Limits) -> float:
     return last + limits.min_break
 
 
+def break_honoured(gap: float, limits: Limits) -> bool:
+    """A gap of `gap` seconds between two lessons was a full break."""
+    return gap >= limits.min_break - EPSILON
+
+
 def lesson_end(state: ClockState, limits: Limits) -> tuple[float, float] | None:
     """(end, break_end) of the recorded lesson if it is over by quiet time or
     the limit, computed without `now`: the quiet branch ends at the last

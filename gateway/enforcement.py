@@ -19,7 +19,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from . import logs, rules
 from .activity import ActivityView
-from .clock import Step
+from .clock import Step, break_honoured
 from .codes import Rule
 from .errors import StoreUnavailable
 from .forwarding import Closer
@@ -217,7 +217,7 @@ class Enforcer:
             honoured = None
             if step.ended_duration is not None and step.ended_start is not None:
                 honoured = step.break_taken is not None and \
-                    step.break_taken >= pre.limits.min_break - 1e-6
+                    break_honoured(step.break_taken, pre.limits)
                 self.metrics.breaks_honoured.labels("true" if honoured else "false").inc()
                 self.lessons.followed(key, step.ended_start, step.ended_duration,
                                       pre.route.category, region)

@@ -1,7 +1,7 @@
 """Open lesson connections (WebSockets, streams) and their cut-offs.
 
-Each connection carries a deadline computed from the shared clock (lesson
-start + max_duration, the curfew start, the daily limit), so every instance
+Each connection carries a deadline computed on the shared clock by
+clock.lesson_deadline (the lesson limit, the daily limit or the curfew), so every instance
 holding the same student's connections cuts them at the same moment. A
 deadline is one `loop.call_at` timer: a heap entry in the event loop, which
 holds up at 10,000 connections where one APScheduler job each would not
