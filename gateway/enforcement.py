@@ -142,10 +142,11 @@ class Enforcer:
         route = self.rt.policy.match(target.key)
         if route is None:
             return PASS
-        return await self._enforce(route, headers, cookies, websocket)
+        return await self.enforce(route, headers, cookies, websocket)
 
-    async def _enforce(self, route: Route, headers: Headers, cookies: Cookies,
-                       ws: bool) -> Verdict:
+    async def enforce(self, route: Route, headers: Headers, cookies: Cookies,
+                      ws: bool) -> Verdict:
+        """`check` on an enforced route the caller has matched already."""
         rt = self.rt
         policy = rt.policy
         ctx = logs.current.get()
