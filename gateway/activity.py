@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .clock import ClockLimits
+from .clock import ClockState, Limits, in_lesson, lesson_end
 from .timesource import SystemClock
 
 
@@ -18,11 +18,11 @@ class ActivityView:
         # the store's clock: lesson starts and activity are on it
         self._clock = clock or SystemClock().now
         # key -> (lesson start, last seen activity, limits)
-        self._lessons: dict[str, tuple[float, float, ClockLimits]] = {}
+        self._lessons: dict[str, tuple[float, float, Limits]] = {}
         # key -> end of the break we told the student to take
         self._breaks: dict[str, float] = {}
 
-    def lesson(self, key: str, start: float, now: float, limits: ClockLimits) -> None:
+    def lesson(self, key: str, start: float, now: float, limits: Limits) -> None:
         self._lessons[key] = (start, now, limits)
         self._breaks.pop(key, None)
 
@@ -39,11 +39,13 @@ class ActivityView:
         now = self._clock()
         n = 0
         for key, (start, last, lim) in list(self._lessons.items()):
-            end = min(start + lim.max_duration, last + lim.min_break)
-            if now < end:
+            seen = ClockState(start, last)  # as this instance saw it
+            if in_lesson(seen, now, lim):
                 n += 1
-            elif now > start + lim.max_duration + lim.min_break:
-                del self._lessons[key]
+            else:
+                ended = lesson_end(seen, lim)
+                if ended is None or now >= ended[1]:  # its break is over too
+                    del self._lessons[key]
         return n
 
     def students_in_break(self) -> int:

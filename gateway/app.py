@@ -1,8 +1,10 @@
 """Wiring: the one place that knows every part.
 
-`Gateway` owns each resource's lifetime (state store, upstream session,
-scheduler, policy watcher) through the main app's `cleanup_ctx`, exposes
-the main and admin aiohttp applications, and applies policy reloads.
+`Gateway` owns each resource's lifetime through the main app's
+`cleanup_ctx`, one context per resource (state store, upstream session,
+audit writer, policy follower, scheduler), so a resource that fails to
+start releases those started before it. It exposes the main and admin
+aiohttp applications and applies policy reloads.
 """
 
 from __future__ import annotations
@@ -14,9 +16,8 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -24,22 +25,23 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from . import logs, rules
 from .activity import ActivityView
 from .audit import AuditWriter
-from .clock import lesson_remaining
-from .errors import PolicyError, StoreUnavailable
-from .fleet import POLICY_KEY, follow
+from .clock import lesson_deadline
+from .codes import Rule
+from .enforcement import Enforcer, Runtime
+from .errors import StoreUnavailable
+from .fleet import follow
+from .forwarding import Forwarder
 from .identity import Identify, Pseudonymizer, make_identify
+from .lessons import LessonBook
 from .live import LiveConn, LiveRegistry
 from .metrics import Metrics
 from .policy import (
     Policy,
-    decode_text,
     load_policy,
-    parse_policy,
-    read_policy_text,
-    relative_reader,
 )
-from .proxy import Proxy, Runtime
+from .proxy import Proxy
 from .redis import RedisClient
+from .reloading import PolicySource
 from .scheduler import Scheduler
 from .server import (
     ConnGuard,
@@ -49,6 +51,7 @@ from .server import (
     raise_open_files_limit,
 )
 from .settings import Settings
+from .status import student_status
 from .store.base import Cut, StateStore
 from .store.memory import MemoryStore
 
@@ -57,6 +60,8 @@ log = logging.getLogger("tutorgate")
 STATUS_PATH = "/_tutorgate/status"
 # First-generation collection threshold while serving (see tune_gc).
 GC_THRESHOLD = 50_000
+
+Lifetime = Callable[[web.Application], AsyncIterator[None]]
 
 
 class Gateway:
@@ -76,9 +81,13 @@ class Gateway:
         self.policy_dir = Path(settings.policy_path).parent if settings.policy_path else None
         self.runtime = Runtime(policy, make_identify(policy.identity, self.pseudonym,
                                                      self.policy_dir))
-        self.proxy = Proxy(self.runtime, self.store, self.metrics, self.live, self.activity,
-                           settings.upstream, max_body=settings.max_body,
-                           read_timeout=settings.read_timeout)
+        self.lessons = LessonBook(self.store, self.metrics, self.clock, self.activity)
+        self.enforcer = Enforcer(self.runtime, self.store, self.metrics, self.live,
+                                 self.activity, self.lessons)
+        self.forwarder = Forwarder(settings.upstream, self.metrics, self.live,
+                                   lambda: self.runtime.policy.locale,
+                                   max_body=settings.max_body, read_timeout=settings.read_timeout)
+        self.proxy = Proxy(self.enforcer, self.forwarder)
         self.scheduler = Scheduler(self.metrics)
         self.metrics.calendar_provisional.set_function(self.calendar_provisional)
         self.audit: AuditWriter | None = None
@@ -86,11 +95,10 @@ class Gateway:
             self.audit = AuditWriter(self.redis or settings.redis_url, settings.instance_name,
                                      self.metrics, policy.model.timezone,
                                      settings.audit_retention_days, clock=self.clock)
-            self.proxy.on_event = self.audit.record
+            self.enforcer.on_event = self.lessons.on_event = self.audit.record
             self.live.on_cut_event = self._audit_cut
-        self._policy_stamp = self._stamp()
-        # when the live policy was written: the newer of file and fleet push wins
-        self._policy_time = self._policy_stamp[0] if self._policy_stamp else 0.0
+        self.source = PolicySource(settings.policy_path, self.policy_dir, self.pseudonym,
+                                   self.metrics, lambda: self.policy, self.apply_policy)
         self._stop_follow = asyncio.Event()
         self.ready = False
         self.metrics.active_lessons.set_function(self.activity.active_lessons)
@@ -101,14 +109,10 @@ class Gateway:
         if self.settings.redis_url:
             from .store.redis import RedisStore
 
-            latency: dict[str, Any] = {}
             up: list[bool | None] = [None]
 
             def on_call(op: str, seconds: float, ok: bool) -> None:
-                child = latency.get(op)
-                if child is None:  # labels() per call costs a lock and a lookup
-                    child = latency[op] = self.metrics.store_latency.labels(op)
-                child.observe(seconds)
+                self.metrics.store_latency.labels(op).observe(seconds)
                 if not ok:
                     self.metrics.store_errors.labels(op).inc()
                 if ok is not up[0]:  # a gauge set takes a lock: only on a change
@@ -150,7 +154,7 @@ class Gateway:
         if identify is None:
             identify = make_identify(policy.identity, self.pseudonym, self.policy_dir)
         self.runtime = Runtime(policy, identify)
-        self.proxy.rt = self.runtime
+        self.enforcer.rt = self.runtime
         self._show_policy(policy)
         self.metrics.policy_reloads.inc()
         if self.scheduler.aps.running:
@@ -159,70 +163,9 @@ class Gateway:
         with contextlib.suppress(RuntimeError):
             asyncio.get_running_loop().create_task(self.reschedule_live())
 
-    def reload_text(self, text: str, source: str) -> bool:
-        """Validate and apply; an invalid policy is refused and counted, and
-        the old one stays live."""
-        try:
-            # what it names (key variables and files, calendar files) is
-            # checked here too: a reload must not fail after it was accepted
-            policy = parse_policy(text, source, relative_reader(self.policy_dir or Path(".")),
-                                  os.environ.get)
-            if policy.sha == self.policy.sha:
-                return True
-            try:
-                identify = make_identify(policy.identity, self.pseudonym, self.policy_dir)
-            except (OSError, ValueError) as e:  # the key changed since the check
-                raise PolicyError(source, [("identity.jwt", f"cannot load the key: {e}",
-                                            None)]) from None
-        except PolicyError as e:
-            self.refuse(e)
-            return False
-        self.apply_policy(policy, identify)
-        return True
-
-    def refuse(self, e: PolicyError) -> None:
-        """A policy that is not applied: counted, one ERROR line per problem."""
-        self.metrics.policy_reload_failures.inc()
-        for line in e.lines():
-            log.error("policy reload refused: %s", line)
-
     def reload_file(self) -> bool:
-        path = self.settings.policy_path
-        try:
-            text = read_policy_text(path)
-        except PolicyError as e:
-            self.refuse(e)
-            return False
-        return self.reload_text(text, path)
-
-    def _stamp(self) -> tuple[float, int] | None:
-        try:
-            st = os.stat(self.settings.policy_path)
-        except OSError:
-            return None
-        return st.st_mtime, st.st_size
-
-    async def watch_policy(self) -> None:
-        stamp = self._stamp()
-        if stamp is not None and stamp != self._policy_stamp:
-            self._policy_stamp = stamp
-            self._policy_time = max(self._policy_time, stamp[0])
-            self.reload_file()
-
-    def apply_pushed(self, raw: bytes, pushed_at: float) -> None:
-        """A policy published with `tutorgate policy push` (fleet-wide).
-        Anything may be in Redis: a text that is not UTF-8 is refused and
-        counted like any invalid policy."""
-        if pushed_at <= self._policy_time:
-            return
-        self._policy_time = pushed_at
-        source = "redis:" + POLICY_KEY
-        try:
-            text = decode_text(raw, "the pushed policy")
-        except ValueError as e:
-            self.refuse(PolicyError(source, [("", str(e), None)]))
-            return
-        self.reload_text(text, source)
+        """Read the policy file again (SIGHUP): applied if valid."""
+        return self.source.reload_file()
 
     async def reschedule_live(self) -> None:
         """Recompute every open lesson connection's deadline under the live
@@ -241,17 +184,12 @@ class Gateway:
                 return
             pre = rules.precheck(policy, sample.route, sample.student, now)
             if isinstance(pre, rules.Decision):
-                rule = "curfew" if pre.rule == rules.CURFEW else "policy"
+                rule = Rule.CURFEW if pre.rule == Rule.CURFEW else Rule.POLICY
                 await self.store.publish_cut(Cut(key, rule, self.settings.instance_name))
                 continue
-            deadline = now + lesson_remaining(state, now, pre.limits, pre.day)
-            rule = "lesson_limit"
-            if deadline < state.start + pre.limits.max_duration - 1e-6:
-                rule = "daily_limit"  # the day's limit comes first
-            if now + pre.until_curfew < deadline:
-                deadline, rule = now + pre.until_curfew, "curfew"
+            d = lesson_deadline(state, now, pre.limits, pre.day, pre.until_curfew)
             for c in list(conns):
-                self.live.schedule(c, deadline, rule)
+                self.live.schedule(c, d.at, d.rule)
 
     # ------------------------------------------------------------ timed work
 
@@ -265,14 +203,16 @@ class Gateway:
             profile = self.policy.profile(conn.student.region, None)
             inside, _, _ = rules.curfew_times(profile, now)
             if inside:
-                await self.live.cut(conn, "curfew", late_of=None)
+                await self.live.cut(conn, Rule.CURFEW, late_of=None)
 
     async def calendar_upkeep(self) -> None:
         policy = self.policy
         self._show_policy(policy)
         if not any(p.calendar.statutory_holidays for p in policy.profiles.values()):
             return
-        warning = policy.national.coverage_warning(dt.date.today())
+        # today on the lesson clock's clock, not the host's
+        today = dt.datetime.fromtimestamp(self.clock.now(), policy.profile(None, None).tz).date()
+        warning = policy.national.coverage_warning(today)
         if warning is not None:
             log.warning("%s", warning)
 
@@ -288,55 +228,84 @@ class Gateway:
 
     # ------------------------------------------------------------ apps
 
-    async def _lifetime(self, app: web.Application) -> AsyncIterator[None]:
+    # ------------------------------------------------------------ lifetimes
+
+    def lifetimes(self) -> list[Lifetime]:
+        """One cleanup context per resource, in starting order."""
+        return [self._store_lifetime, self._upstream_lifetime, self._audit_lifetime,
+                self._follower_lifetime, self._scheduler_lifetime]
+
+    async def _store_lifetime(self, app: web.Application) -> AsyncIterator[None]:
         start = getattr(self.store, "start", None)
         if start is not None:
             await start()
-        await self.proxy.start(self.settings.pool_size)
-        await self.store.subscribe_cuts(self.live.on_cut)
-        follower = None
-        if self.settings.redis_url:
-            follower = asyncio.create_task(follow(
-                self.redis or RedisClient(self.settings.redis_url), self.apply_pushed,
-                self._stop_follow))
-        if self.audit is not None:
-            await self.audit.start()
-        self.scheduler.every("lease-renewal", 10, self.live.renew_leases)
-        self.scheduler.every("policy-watch", 1, self.watch_policy)
-        self.scheduler.every("lesson-sweep", 15, self.proxy.sweep_ended)
-        self.scheduler.daily("calendar-upkeep", 0, 5, 0, self.policy.model.timezone,
-                             self.calendar_upkeep)
-        self.scheduler.set_curfew_jobs(self.policy, self.curfew_cut)
-        self.scheduler.start()
-        await self.calendar_upkeep()
-        # store_up starts from a real answer, not from the first lesson request
         try:
-            self.metrics.store_up.set(1 if await self.store.ping() else 0)
-        except StoreUnavailable:
-            self.metrics.store_up.set(0)
-        self.ready = True
+            await self.store.subscribe_cuts(self.live.on_cut)
+            # store_up starts from a real answer, not from the first lesson request
+            try:
+                self.metrics.store_up.set(1 if await self.store.ping() else 0)
+            except StoreUnavailable:
+                self.metrics.store_up.set(0)
+            yield
+        finally:
+            await self.store.close()
+            if self.redis is not None:  # shared by the store, audit and follower
+                await self.redis.close()
+
+    async def _upstream_lifetime(self, app: web.Application) -> AsyncIterator[None]:
+        await self.forwarder.start(self.settings.pool_size)
         try:
             yield
         finally:
-            self.ready = False
-            self.scheduler.shutdown()
+            # the live connections ride on the upstream session
+            await self.live.close_all(Rule.SHUTDOWN)
+            await self.forwarder.close()
+
+    async def _audit_lifetime(self, app: web.Application) -> AsyncIterator[None]:
+        if self.audit is not None:
+            await self.audit.start()
+        try:
+            yield
+        finally:
+            if self.audit is not None:
+                await self.audit.close()
+
+    async def _follower_lifetime(self, app: web.Application) -> AsyncIterator[None]:
+        follower = None
+        if self.settings.redis_url:
+            follower = asyncio.create_task(follow(
+                self.redis or RedisClient(self.settings.redis_url), self.source.apply_pushed,
+                self._stop_follow))
+        try:
+            yield
+        finally:
             self._stop_follow.set()
             if follower is not None:
                 follower.cancel()
                 await asyncio.gather(follower, return_exceptions=True)
-            await self.live.close_all("shutdown")
-            if self.audit is not None:
-                await self.audit.close()
-            await self.proxy.close()
-            await self.store.close()
-            if self.redis is not None:
-                await self.redis.close()
+
+    async def _scheduler_lifetime(self, app: web.Application) -> AsyncIterator[None]:
+        self.scheduler.every("lease-renewal", 10, self.live.renew_leases)
+        self.scheduler.every("policy-watch", 1, self.source.watch)
+        self.scheduler.every("lesson-sweep", 15, self.lessons.sweep)
+        self.scheduler.daily("calendar-upkeep", 0, 5, 0, self.policy.model.timezone,
+                             self.calendar_upkeep)
+        self.scheduler.set_curfew_jobs(self.policy, self.curfew_cut)
+        self.scheduler.start()
+        try:
+            await self.calendar_upkeep()
+            self.ready = True
+            yield
+        finally:
+            self.ready = False
+            self.scheduler.shutdown()
 
     def main_app(self) -> web.Application:
         # auto_decompress=False: gzip bodies pass through as they are (docs/design.md)
         app = web.Application(handler_args={"auto_decompress": False},
                               client_max_size=1024 ** 4)
-        app.cleanup_ctx.append(self._lifetime)
+        app[GATEWAY] = self
+        app.cleanup_ctx.extend(self.lifetimes())
         app.on_response_prepare.append(_stamp_request_id)
         app.router.add_route("GET", STATUS_PATH, self.status)
         app.router.add_route("*", "/{tail:.*}", self.proxy.handle)
@@ -386,8 +355,10 @@ class Gateway:
 
     async def status(self, request: web.Request) -> web.Response:
         """The student's clock, for the platform's countdown UI."""
-        from .status import student_status
-        return await student_status(self, request)
+        return await student_status(self.enforcer, request)
+
+
+GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
 
 
 async def _stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
@@ -444,10 +415,10 @@ async def serve(settings: Settings, policy: Policy) -> int:
     await stop.wait()
     log.info("shutting down: closing live connections (1001), draining for up to %.0fs",
              settings.grace)
-    await gw.live.close_all("shutdown")
+    await gw.live.close_all(Rule.SHUTDOWN)
     await main_runner.cleanup()
     await admin_runner.cleanup()
     return 0
 
 
-__all__ = ["Gateway", "load_policy", "serve"]
+__all__ = ["GATEWAY", "Gateway", "load_policy", "serve"]

@@ -6,6 +6,13 @@ transition in `store/lua/advance.lua` so that reading and updating a
 student's clock is one atomic round trip. Both stores run one test suite
 (tests/test_store.py), which is what keeps the two in step.
 
+It also owns every deadline: `lesson_deadline` answers "when must this
+lesson end, and by which rule" for the engine (X-Lesson-Remaining), the
+status endpoint, the live cut-offs and the activity gauges alike, and
+`limit_end`/`quiet_end` are the two bounds the Redis store's fast path
+keeps. Nothing else in the package adds durations to lesson times
+(tests/test_deadlines.py holds the callers to one answer).
+
 Times are float Unix seconds. `now` is supplied by the caller: the engine
 has no clock of its own.
 """
@@ -15,7 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from .codes import Rule
+
 Outcome = Literal["allow", "break_required", "daily_limit"]
+# Below this, two deadlines are the same instant (float sums of seconds).
+EPSILON = 1e-6
 
 
 # Not frozen: a frozen dataclass's __init__ costs ~5x on the per-request path;
@@ -30,12 +41,28 @@ class ClockState:
 
 
 @dataclass(frozen=True)
-class ClockLimits:
+class Limits:
+    """A profile's lesson limits, as the policy compiled them (shadowing
+    applied): the one type the policy, the engine and the stores share."""
+
     max_duration: float
     min_break: float
     daily_max: float | None = None
     enforce_break: bool = True   # False: break_required is shadowed
     enforce_daily: bool = True   # False: daily_limit is shadowed
+
+
+# The name the stores and older callers import.
+ClockLimits = Limits
+
+
+# Not frozen: built on every allowed request (see ClockState).
+@dataclass(slots=True)
+class Deadline:
+    """When a lesson must end at the latest, and the rule that ends it."""
+
+    at: float
+    rule: Rule
 
 
 # Not frozen: a frozen dataclass's __init__ costs ~5x on the per-request path;
@@ -54,27 +81,78 @@ class Step:
     shadowed: tuple[Outcome, ...] = ()   # shadowed rules that would have denied
 
 
-def lesson_end(state: ClockState, limits: ClockLimits) -> tuple[float, float] | None:
+def limit_end(start: float, used: float, limits: Limits) -> float:
+    """When a lesson that started at `start` reaches its limit: the lesson
+    limit, or the day's limit first if `used` seconds of the day were spent
+    before it (an enforced daily_max only)."""
+    end = start + limits.max_duration
+    if limits.daily_max is not None and limits.enforce_daily:
+        end = min(end, start + limits.daily_max - used)
+    return end
+
+
+def quiet_end(last: float, limits: Limits) -> float:
+    """When a lesson whose last activity was `last` ends by quiet time."""
+    return last + limits.min_break
+
+
+def break_honoured(gap: float, limits: Limits) -> bool:
+    """A gap of `gap` seconds between two lessons was a full break."""
+    return gap >= limits.min_break - EPSILON
+
+
+def lesson_end(state: ClockState, limits: Limits) -> tuple[float, float] | None:
     """(end, break_end) of the recorded lesson if it is over by quiet time or
     the limit, computed without `now`: the quiet branch ends at the last
     activity. None if no lesson is on record."""
     if not state.start:
         return None
-    limit_end = state.start + limits.max_duration
-    if state.conns == 0 and state.last + limits.min_break <= limit_end:
-        return state.last, state.last + limits.min_break
-    return limit_end, limit_end + limits.min_break
+    end = state.start + limits.max_duration
+    if state.conns == 0 and quiet_end(state.last, limits) <= end:
+        end = state.last
+    return end, quiet_end(end, limits)
 
 
-def in_lesson(state: ClockState, now: float, limits: ClockLimits) -> bool:
+def in_lesson(state: ClockState, now: float, limits: Limits) -> bool:
     """A lesson is in progress at `now`: started, under the limit, and not
     quiet for min_break (open connections are activity)."""
     if not state.start or now >= state.start + limits.max_duration:
         return False
-    return state.conns > 0 or now - state.last < limits.min_break
+    return state.conns > 0 or now < quiet_end(state.last, limits)
 
 
-def advance(state: ClockState, now: float, limits: ClockLimits, day: int,
+def lesson_deadline(state: ClockState, now: float, limits: Limits, day: int,
+                    until_curfew: float) -> Deadline:
+    """When the lesson in progress at `now` (local day `day`) must end, and
+    by which rule: its lesson limit, the day's limit, or the curfew that
+    starts `until_curfew` seconds after `now`, whichever comes first. Never
+    before `now`. Quiet time is not a deadline: activity moves it."""
+    used = state.used if state.day == day else 0.0
+    return _deadline(state.start, now, limit_end(state.start, used, limits), limits,
+                     until_curfew)
+
+
+def step_deadline(step: Step, limits: Limits, until_curfew: float) -> Deadline:
+    """`lesson_deadline` for an allowed clock step: the step's `remaining` is
+    the clock's own answer (advance, or its Lua mirror in one round trip)."""
+    end = step.now + (step.remaining if step.remaining is not None else limits.max_duration)
+    return _deadline(step.start, step.now, end, limits, until_curfew)
+
+
+def _deadline(start: float, now: float, end: float, limits: Limits,
+              until_curfew: float) -> Deadline:
+    rule = Rule.LESSON_LIMIT
+    if end < start + limits.max_duration - EPSILON:
+        rule = Rule.DAILY_LIMIT  # the day's limit comes first
+    if end < now:
+        end = now
+    curfew = now + until_curfew
+    if curfew < end:
+        return Deadline(curfew, Rule.CURFEW)
+    return Deadline(end, rule)
+
+
+def advance(state: ClockState, now: float, limits: Limits, day: int,
             seconds_to_day_end: float) -> tuple[Step, ClockState]:
     """One allowed-so-far lesson request at `now`: continue the lesson, start
     a new one, or deny (daily_limit before break_required). Denials leave the
@@ -124,17 +202,14 @@ def advance(state: ClockState, now: float, limits: ClockLimits, day: int,
                 ended_start=state.start if ended is not None else None), new
 
 
-def lesson_remaining(state: ClockState, now: float, limits: ClockLimits, day: int) -> float:
+def lesson_remaining(state: ClockState, now: float, limits: Limits, day: int) -> float:
     """Seconds the recorded lesson may still run at `now` (local day `day`):
     to its limit, or to the day's limit if that comes first."""
     return _remaining(state, now, limits, state.used if state.day == day else 0.0)
 
 
-def _remaining(state: ClockState, now: float, limits: ClockLimits, used: float) -> float:
-    rem = state.start + limits.max_duration - now
-    if limits.daily_max is not None and limits.enforce_daily:
-        rem = min(rem, limits.daily_max - used - (now - state.start))
-    return max(rem, 0.0)
+def _remaining(state: ClockState, now: float, limits: Limits, used: float) -> float:
+    return max(limit_end(state.start, used, limits) - now, 0.0)
 
 
 def hold(state: ClockState, now: float) -> ClockState:

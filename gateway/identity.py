@@ -22,7 +22,7 @@ from typing import Any
 import jwt
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .policy import IdentitySettings, JwtSettings
+from .policy_schema import IdentitySettings, JwtSettings
 from .rules import Grade, Student
 
 _ID = re.compile(r"^[A-Za-z0-9\-_.:@]{1,128}$")

@@ -1,7 +1,7 @@
 """Open lesson connections (WebSockets, streams) and their cut-offs.
 
-Each connection carries a deadline computed from the shared clock (lesson
-start + max_duration, the curfew start, the daily limit), so every instance
+Each connection carries a deadline computed on the shared clock by
+clock.lesson_deadline (the lesson limit, the daily limit or the curfew), so every instance
 holding the same student's connections cuts them at the same moment. A
 deadline is one `loop.call_at` timer: a heap entry in the event loop, which
 holds up at 10,000 connections where one APScheduler job each would not
@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .codes import CLOSE_CODES, ENFORCING, Rule
 from .metrics import Metrics
 from .policy import Route
 from .rules import Student
@@ -27,12 +28,9 @@ from .timesource import Clock
 
 log = logging.getLogger("tutorgate.live")
 
+__all__ = ["CLOSE_CODES", "ENFORCING", "Kind", "LiveConn", "LiveRegistry", "new_conn_id"]
+
 Kind = Literal["websocket", "stream"]
-# WebSocket close codes for cut-offs (4000-4999 is the application range).
-CLOSE_CODES = {"lesson_limit": 4001, "curfew": 4002, "daily_limit": 4003, "policy": 4004,
-               "shutdown": 1001}
-# Cuts that enforce a rule (counted); "shutdown" is not enforcement.
-ENFORCING = frozenset({"lesson_limit", "curfew", "daily_limit", "policy"})
 
 _ids = itertools.count()
 _INSTANCE_TAG = os.urandom(4).hex()
@@ -50,7 +48,7 @@ class LiveConn:
     kind: Kind
     close: Callable[[str], Awaitable[None]]   # cut with this rule code
     deadline: float = 0.0                      # Unix time on the store's clock
-    rule: str = "lesson_limit"
+    rule: str = Rule.LESSON_LIMIT
     held: bool = True                          # holds a lease in the store
     student: Student | None = None             # to recompute deadlines on a reload
     route: Route | None = None

@@ -17,6 +17,8 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from .codes import ENFORCING, LESSON_DENIALS, Rule
+
 # The *_created series double the exposition for no regulator's question.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -169,6 +171,11 @@ class Metrics:
             "tutorgate_store_errors_total", "State store calls that failed.", ["op"], registry=r)
         self.store_up = Gauge(
             "tutorgate_store_up", "1 when the state store answered its last call.", registry=r)
+        self.lesson_reports_dropped = Counter(
+            "tutorgate_lesson_reports_dropped_total",
+            "Lessons this instance stopped watching for their end report because it "
+            "watched too many (the oldest goes); such an end is reported only if the "
+            "student starts another lesson.", registry=r)
         self.fail_open = Counter(
             "tutorgate_fail_open_total",
             "Lesson requests let through unchecked because the state store was down "
@@ -236,24 +243,22 @@ class Metrics:
         `increase()` never counts that first step: without this a single
         photo-search attempt would show as 0 on the regulator's dashboard.
         """
-        lesson_rules = ("identity_required", "bad_identity", "preschool", "curfew",
-                        "daily_limit", "break_required", "state_unavailable")
         for region in region_labels:
-            self.decisions.labels("deny", "forbidden_feature", "forbidden", region)
+            self.decisions.labels("deny", Rule.FORBIDDEN_FEATURE, "forbidden", region)
             for category in ("subject", "non_subject"):
                 self.decisions.labels("allow", "none", category, region)
-                for rule in lesson_rules:
+                for rule in LESSON_DENIALS:
                     self.decisions.labels("deny", rule, category, region)
-                for rule in shadowed:
-                    self.decisions.labels("shadow_deny", rule, category, region)
-            self.decisions.labels("deny", "rest_day", "subject", region)
+                for code in shadowed:
+                    self.decisions.labels("shadow_deny", code, category, region)
+            self.decisions.labels("deny", Rule.REST_DAY, "subject", region)
             self.lessons_started.labels(region)
             self.lesson_duration.labels(region)
         # a refused path matches no route and reads no identity
-        self.decisions.labels("deny", "bad_path", "none", "base")
+        self.decisions.labels("deny", Rule.BAD_PATH, "none", "base")
         for honoured in ("true", "false"):
             self.breaks_honoured.labels(honoured)
-        for rule in ("lesson_limit", "curfew", "daily_limit", "policy"):
+        for rule in sorted(ENFORCING):
             for kind in ("websocket", "stream"):
                 self.connections_cut.labels(rule, kind)
         for kind in ("websocket", "stream"):

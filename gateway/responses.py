@@ -10,7 +10,8 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-from . import messages, rules
+from . import messages
+from .codes import STATUS
 from .messages import Locale
 
 # A small tree on green, inline: the page needs no second request for an icon.
@@ -65,7 +66,7 @@ def denial(rule: str, retry_after: float | None, headers: Mapping[str, str],
            "Vary": "Accept, Accept-Language"}
     if retry is not None:
         out["Retry-After"] = str(retry)
-    status = status or rules.STATUS.get(rule, 403)
+    status = status or STATUS.get(rule, 403)
     if prefers_html(headers.get("Accept", "")):
         return web.Response(status=status, text=page(rule, retry, lang),
                             content_type="text/html", charset="utf-8", headers=out)

@@ -19,28 +19,23 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .calendar import RestDay
-from .clock import ClockLimits, ClockState, Step, advance
+from .clock import ClockState, Limits, Step, advance, lesson_deadline, step_deadline
+from .codes import STATUS, Rule
 from .policy import Policy, Profile, Route, stage_of
 
-BAD_PATH = "bad_path"  # the proxy decides it, before any route (paths.py)
-FORBIDDEN_FEATURE = "forbidden_feature"
-IDENTITY_REQUIRED = "identity_required"
-BAD_IDENTITY = "bad_identity"
-PRESCHOOL = "preschool"
-CURFEW = "curfew"
-REST_DAY = "rest_day"
-DAILY_LIMIT = "daily_limit"
-BREAK_REQUIRED = "break_required"
-STATE_UNAVAILABLE = "state_unavailable"
-UPSTREAM_ERROR = "upstream_error"
-LESSON_LIMIT = "lesson_limit"  # the cut-off of a live connection
-
-STATUS = {
-    BAD_PATH: 400,
-    FORBIDDEN_FEATURE: 403, IDENTITY_REQUIRED: 401, BAD_IDENTITY: 400, PRESCHOOL: 403,
-    CURFEW: 403, REST_DAY: 403, DAILY_LIMIT: 429, BREAK_REQUIRED: 429, STATE_UNAVAILABLE: 503,
-    UPSTREAM_ERROR: 502,
-}
+# The codes under their old names (codes.Rule is the one list).
+BAD_PATH = Rule.BAD_PATH  # the proxy decides it, before any route (paths.py)
+FORBIDDEN_FEATURE = Rule.FORBIDDEN_FEATURE
+IDENTITY_REQUIRED = Rule.IDENTITY_REQUIRED
+BAD_IDENTITY = Rule.BAD_IDENTITY
+PRESCHOOL = Rule.PRESCHOOL
+CURFEW = Rule.CURFEW
+REST_DAY = Rule.REST_DAY
+DAILY_LIMIT = Rule.DAILY_LIMIT
+BREAK_REQUIRED = Rule.BREAK_REQUIRED
+STATE_UNAVAILABLE = Rule.STATE_UNAVAILABLE
+UPSTREAM_ERROR = Rule.UPSTREAM_ERROR
+LESSON_LIMIT = Rule.LESSON_LIMIT  # the cut-off of a live connection
 
 # What a person reads for each code is in messages.py (zh-CN and en).
 
@@ -80,6 +75,7 @@ class Decision:
     end_rule: str = LESSON_LIMIT  # what ends the lesson: lesson_limit, curfew, daily_limit
     # the rest-day answer rests on the law's fallback, not on official data
     provisional: bool = False
+    deadline: float | None = None  # allowed lesson: when it must end (the store's clock)
 
     @property
     def status(self) -> int:
@@ -95,7 +91,7 @@ class Pending:
     route: Route
     student: Student
     profile: Profile
-    limits: ClockLimits
+    limits: Limits
     day: int
     seconds_to_day_end: float
     until_curfew: float
@@ -103,6 +99,7 @@ class Pending:
     checked: tuple[Check, ...] = field(default_factory=tuple)
     trace: bool = False
     provisional: bool = False
+    now: float = 0.0             # the time the rules were checked at
 
 
 # ---------------------------------------------------------------- time helpers
@@ -190,12 +187,39 @@ def local_day(profile: Profile, now: float) -> tuple[dt.date, float]:
     return _day_at(profile, dt.datetime.fromtimestamp(now, profile.tz))
 
 
-def clock_limits(policy: Policy, profile: Profile) -> ClockLimits:
+def clock_limits(policy: Policy, profile: Profile) -> Limits:
     """The lesson-clock limits of a profile (compiled with the policy)."""
-    return profile.clock
+    return profile.limits
 
 
 # ---------------------------------------------------------------- the engine
+
+class _Trace:
+    """The rules precheck has looked at (for explain) and those shadowed."""
+
+    def __init__(self, policy: Policy, trace: bool) -> None:
+        self.policy, self.trace = policy, trace
+        self.checked: list[Check] = []
+        self.shadowed: list[str] = []
+
+    def hit(self, rule: str, why: Callable[[], str], retry: float | None = None,
+            region: str = "base", provisional: bool = False) -> Decision | None:
+        """`rule` applies: its denial, or None if the rule is shadowed."""
+        if self.trace:
+            self.checked.append(Check(rule, True, why()))
+        if rule in self.policy.shadow:
+            self.shadowed.append(rule)
+            return None
+        return Decision(False, rule, retry, None, tuple(self.shadowed), tuple(self.checked),
+                        region=region, provisional=provisional)
+
+    def miss(self, rule: str, why: Callable[[], str]) -> None:
+        if self.trace:
+            self.checked.append(Check(rule, False, why()))
+
+    def allowed(self) -> Decision:
+        return Decision(True, None, None, None, tuple(self.shadowed), tuple(self.checked))
+
 
 def precheck(policy: Policy, route: Route, student: Student, now: float,
              trace: bool = False) -> Decision | Pending:
@@ -204,56 +228,38 @@ def precheck(policy: Policy, route: Route, student: Student, now: float,
     without it and without shadowed rules the fast path answers."""
     if not trace and not policy.shadow:
         return _precheck_fast(policy, route, student, now)
-    checked: list[Check] = []
-    shadowed: list[str] = []
-
-    def hit(rule: str, why: Callable[[], str], retry: float | None = None,
-            region: str = "base", provisional: bool = False) -> Decision | None:
-        if trace:
-            checked.append(Check(rule, True, why()))
-        if rule in policy.shadow:
-            shadowed.append(rule)
-            return None
-        return Decision(False, rule, retry, None, tuple(shadowed), tuple(checked), region=region,
-                        provisional=provisional)
-
-    def miss(rule: str, why: Callable[[], str]) -> None:
-        if trace:
-            checked.append(Check(rule, False, why()))
-
+    t = _Trace(policy, trace)
     if route.kind == "forbidden":
-        d = hit(FORBIDDEN_FEATURE, lambda: f"route {route.prefix} is the forbidden feature "
-                                           f"{route.feature or route.prefix}")
-        if d is not None:
-            return d
-        return Decision(True, None, None, None, tuple(shadowed), tuple(checked))
-    miss(FORBIDDEN_FEATURE, lambda: f"route {route.prefix} is a {route.category} lesson route")
-
+        return t.hit(FORBIDDEN_FEATURE, lambda: f"route {route.prefix} is the forbidden feature "
+                                                f"{route.feature or route.prefix}") \
+            or t.allowed()
+    t.miss(FORBIDDEN_FEATURE, lambda: f"route {route.prefix} is a {route.category} lesson route")
     if student.problem is not None:
         if student.problem == "missing":
-            d = hit(IDENTITY_REQUIRED, lambda: student.why or "no student id")
+            d = t.hit(IDENTITY_REQUIRED, lambda: student.why or "no student id")
         else:
-            miss(IDENTITY_REQUIRED, lambda: "a student id is present")
-            d = hit(BAD_IDENTITY, lambda: student.why or "malformed student id or grade")
-        if d is not None:
-            return d
-        # shadowed: nobody to keep a clock for
-        return Decision(True, None, None, None, tuple(shadowed), tuple(checked))
-    miss(IDENTITY_REQUIRED, lambda: "a student id is present")
-    miss(BAD_IDENTITY, lambda: "student id and grade are well formed")
-
+            t.miss(IDENTITY_REQUIRED, lambda: "a student id is present")
+            d = t.hit(BAD_IDENTITY, lambda: student.why or "malformed student id or grade")
+        return d or t.allowed()  # shadowed: nobody to keep a clock for
+    t.miss(IDENTITY_REQUIRED, lambda: "a student id is present")
+    t.miss(BAD_IDENTITY, lambda: "student id and grade are well formed")
     grade = student.grade
     profile = policy.profile(student.region,
                              stage_of(grade) if isinstance(grade, int) else None)
-    region = profile.region
     if grade == "preschool":
-        d = hit(PRESCHOOL, lambda: "grade is preschool: no online training at all",
-                region=region)
+        d = t.hit(PRESCHOOL, lambda: "grade is preschool: no online training at all",
+                  region=profile.region)
         if d is not None:
             return d
     else:
-        miss(PRESCHOOL, lambda: f"grade {grade if grade is not None else 'not given'}")
+        t.miss(PRESCHOOL, lambda: f"grade {grade if grade is not None else 'not given'}")
+    return _precheck_times(t, route, student, profile, now)
 
+
+def _precheck_times(t: _Trace, route: Route, student: Student, profile: Profile,
+                    now: float) -> Decision | Pending:
+    """precheck's rules of the clock and the calendar: curfew, rest day."""
+    region = profile.region
     f = _facts(profile, now)
     frac = now - f.second
     inside, to_end, to_start = f.inside, f.to_end - frac, f.to_start - frac
@@ -262,12 +268,11 @@ def precheck(policy: Policy, route: Route, student: Student, now: float,
         return f"{profile.curfew_start:%H:%M:%S}-{profile.curfew_end:%H:%M:%S} {profile.tz.key}"
 
     if inside:
-        d = hit(CURFEW, lambda: f"inside the curfew {window()}", to_end, region=region)
+        d = t.hit(CURFEW, lambda: f"inside the curfew {window()}", to_end, region=region)
         if d is not None:
             return d
     else:
-        miss(CURFEW, lambda: f"outside the curfew {window()}; it starts in {int(to_start)}s")
-
+        t.miss(CURFEW, lambda: f"outside the curfew {window()}; it starts in {int(to_start)}s")
     today, to_midnight = f.today, f.to_midnight - frac
     provisional = False
     if route.category == "subject":
@@ -280,18 +285,18 @@ def precheck(policy: Policy, route: Route, student: Student, now: float,
 
         if rest is not None:
             retry = None if f.rest_retry is None else f.rest_retry - frac
-            d = hit(REST_DAY,
-                    lambda: f"{today} is a rest day ({rest.reason}: {rest.name}){mark()}",
-                    retry, region=region, provisional=provisional)
+            d = t.hit(REST_DAY,
+                      lambda: f"{today} is a rest day ({rest.reason}: {rest.name}){mark()}",
+                      retry, region=region, provisional=provisional)
             if d is not None:
                 return d
         else:
-            miss(REST_DAY, lambda: f"{today} is a school day{mark()}")
+            t.miss(REST_DAY, lambda: f"{today} is a school day{mark()}")
     else:
-        miss(REST_DAY, lambda: "non-subject classes are not bound by rest days")
-
-    return Pending(route, student, profile, profile.clock, today.toordinal(),
-                   to_midnight, to_start, tuple(shadowed), tuple(checked), trace, provisional)
+        t.miss(REST_DAY, lambda: "non-subject classes are not bound by rest days")
+    return Pending(route, student, profile, profile.limits, today.toordinal(),
+                   to_midnight, to_start, tuple(t.shadowed), tuple(t.checked), t.trace,
+                   provisional, now)
 
 
 def _precheck_fast(policy: Policy, route: Route, student: Student,
@@ -316,9 +321,9 @@ def _precheck_fast(policy: Policy, route: Route, student: Student,
     if subject and f.rest is not None:
         return Decision(False, REST_DAY, None if f.rest_retry is None else f.rest_retry - frac,
                         region=profile.region, provisional=f.provisional)
-    return Pending(route, student, profile, profile.clock, f.today.toordinal(),
+    return Pending(route, student, profile, profile.limits, f.today.toordinal(),
                    f.to_midnight - frac, f.to_start - frac,
-                   provisional=subject and f.provisional)
+                   provisional=subject and f.provisional, now=now)
 
 
 def finish(pending: Pending, step: Step) -> Decision:
@@ -359,16 +364,11 @@ def finish(pending: Pending, step: Step) -> Decision:
 
 def _allowed(pending: Pending, step: Step, shadowed: tuple[str, ...],
              checked: tuple[Check, ...]) -> Decision:
-    """An allowed step: the time left, and the rule that will end the lesson."""
-    lim = pending.limits
-    remaining = step.remaining if step.remaining is not None else float(lim.max_duration)
-    end_rule = LESSON_LIMIT
-    if remaining < step.start + lim.max_duration - step.now - 1e-6:
-        end_rule = DAILY_LIMIT
-    if pending.until_curfew < remaining:
-        remaining, end_rule = pending.until_curfew, CURFEW
-    return Decision(True, None, None, remaining, shadowed, checked, step, pending.profile.region,
-                    end_rule, pending.provisional)
+    """An allowed step: the time left, and the rule that will end the lesson
+    (the clock's answer: clock.step_deadline)."""
+    d = step_deadline(step, pending.limits, pending.until_curfew)
+    return Decision(True, None, None, d.at - step.now, shadowed, checked, step,
+                    pending.profile.region, d.rule, pending.provisional, d.at)
 
 
 def decide(policy: Policy, route: Route, student: Student, state: ClockState,
@@ -382,12 +382,14 @@ def decide(policy: Policy, route: Route, student: Student, state: ClockState,
 
 
 def unavailable(pending: Pending, fail_open: bool) -> Decision:
-    """The store did not answer: fail closed (503) or open (allowed, no clock)."""
+    """The store did not answer: fail closed (503) or open (allowed, no clock:
+    as long as a lesson starting now may run)."""
     checked = (*pending.checked, Check(STATE_UNAVAILABLE, True, "the state store did not answer"))
     if fail_open:
-        return Decision(True, None, None, min(float(pending.limits.max_duration),
-                                              pending.until_curfew),
-                        pending.shadowed, checked, None, pending.profile.region,
-                        provisional=pending.provisional)
+        now = pending.now
+        d = lesson_deadline(ClockState(now, now), now, pending.limits, pending.day,
+                            pending.until_curfew)
+        return Decision(True, None, None, d.at - now, pending.shadowed, checked, None,
+                        pending.profile.region, d.rule, pending.provisional, d.at)
     return Decision(False, STATE_UNAVAILABLE, None, None, pending.shadowed, checked, None,
                     pending.profile.region, provisional=pending.provisional)

@@ -312,5 +312,14 @@ class GuardedRunner(web.AppRunner):
         super().__init__(app, **kw)
         self.guard = guard
 
+    async def setup(self) -> None:
+        """Start the app; if a resource fails to start, release the ones its
+        cleanup contexts had started before raising (aiohttp leaves them)."""
+        try:
+            await super().setup()
+        except BaseException:
+            await self._cleanup_server()
+            raise
+
     async def _make_server(self) -> web_server.Server:
         return GuardedServer(await super()._make_server(), self.guard)

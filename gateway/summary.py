@@ -8,9 +8,10 @@ from typing import Any
 from .policy import Policy, Profile
 
 
-def _dur(seconds: int | None) -> str:
-    if seconds is None:
+def _dur(value: float | None) -> str:
+    if value is None:
         return "none"
+    seconds = int(value)  # policy durations are whole seconds
     if seconds % 3600 == 0:
         return f"{seconds // 3600}h"
     if seconds % 60 == 0:

@@ -53,7 +53,7 @@ async def scripted_day(gw, http) -> list[str]:  # type: ignore[no-untyped-def]
 
 async def settle(gw) -> None:  # type: ignore[no-untyped-def]
     """Let the ended-lesson reports finish, then write the audit buffer."""
-    await asyncio.gather(*list(gw.gateway.proxy._tasks))
+    await asyncio.gather(*list(gw.gateway.lessons._tasks))
     await gw.gateway.audit.flush()
 
 
@@ -153,8 +153,8 @@ async def test_lesson_without_a_successor_is_reported_once(upstream, gateways, h
     async with http.get(a.url(ARTS), headers={"X-Student-Id": s}) as r:
         assert r.status == 200
     await asyncio.sleep(1.3)          # the 1 s lesson and its quiet time are over
-    await b.gateway.proxy.sweep_ended()   # b started nothing: reports nothing
-    await a.gateway.proxy.sweep_ended()
+    await b.gateway.lessons.sweep()   # b started nothing: reports nothing
+    await a.gateway.lessons.sweep()
     await settle(a)
     ends = [e for e in export(private_redis.url) if e["event"] == "lesson_end"]
     assert len(ends) == 1 and ends[0]["student"] == a.gateway.pseudonym(s)
@@ -164,7 +164,7 @@ async def test_lesson_without_a_successor_is_reported_once(upstream, gateways, h
     async with http.get(b.url(ARTS), headers={"X-Student-Id": s}) as r:
         assert r.status == 200        # a new lesson through the other instance
     await settle(b)
-    await a.gateway.proxy.sweep_ended()
+    await a.gateway.lessons.sweep()
     await settle(a)
     ends = [e for e in export(private_redis.url) if e["event"] == "lesson_end"]
     assert len(ends) == 1, ends

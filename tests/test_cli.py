@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway import cli
+from gateway import cli, cli_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -84,7 +84,7 @@ def golden(name: str, data: Any) -> None:
 def freeze_today(monkeypatch: pytest.MonkeyPatch, fixed: D) -> D:
     """Make `check`'s "today" `fixed`, so its next-30-days summary is deterministic.
 
-    cli.cmd_check asks `dt.date.today()`; the module's `dt` is swapped for one
+    cli_policy.cmd_check asks `dt.date.today()`; the modules' `dt` is swapped for one
     whose date.today() is fixed (datetime.date itself cannot be patched).
     """
 
@@ -96,6 +96,7 @@ def freeze_today(monkeypatch: pytest.MonkeyPatch, fixed: D) -> D:
     shim = types.SimpleNamespace(**{k: getattr(dt, k) for k in dir(dt) if not k.startswith("_")})
     shim.date = FixedDate
     monkeypatch.setattr(cli, "dt", shim)
+    monkeypatch.setattr(cli_policy, "dt", shim)
     return fixed
 
 

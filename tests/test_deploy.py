@@ -5,8 +5,8 @@ Everything runs the real tools (promtool, prometheus, docker-compose,
 redis-server, the tutorgate console script).  A missing tool fails the test
 with the package that provides it: CI installs them, so a silent skip would
 only hide a broken deployment.  No Docker engine is needed: the compose file
-is checked with `docker-compose config`, the image build context by building
-the wheel from exactly the files `.dockerignore` lets through.
+is checked with `docker-compose config`, the image by building the wheel
+as `pip install .` in the image does.
 
 The end-to-end test (`test_e2e_every_dashboard_panel_has_data_from_a_live_gateway`,
 marked slow) scrapes a real gateway with a real Prometheus and evaluates every
@@ -51,7 +51,6 @@ DASHBOARDS = sorted((GRAFANA_DIR / "dashboards").glob("*.json"))
 BUILD_SCRIPT = GRAFANA_DIR / "build.py"
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
-DOCKERIGNORE = ROOT / ".dockerignore"
 DEFAULT_POLICY = ROOT / "policies" / "default.yaml"
 
 # Grafana's built-in variables in panel expressions, and what a test query
@@ -684,93 +683,26 @@ def test_dockerfile_is_slim_non_root_with_healthcheck() -> None:
     assert "curl" not in checks[0] and "wget" not in checks[0]
 
 
-def _ignore_patterns() -> list[tuple[bool, re.Pattern[str]]]:
-    """.dockerignore as (negated, regex): * and ? stop at '/', ** crosses it."""
-    out = []
-    for raw in DOCKERIGNORE.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        negated = line.startswith("!")
-        pattern = line.lstrip("!").strip("/")
-        rx, i = "", 0
-        while i < len(pattern):
-            if pattern.startswith("**/", i):
-                rx, i = rx + "(?:.*/)?", i + 3
-            elif pattern.startswith("**", i):
-                rx, i = rx + ".*", i + 2
-            elif pattern[i] == "*":
-                rx, i = rx + "[^/]*", i + 1
-            elif pattern[i] == "?":
-                rx, i = rx + "[^/]", i + 1
-            elif pattern[i] == "[":
-                end = pattern.index("]", i)
-                rx, i = rx + pattern[i : end + 1], end + 1
-            else:
-                rx, i = rx + re.escape(pattern[i]), i + 1
-        out.append((negated, re.compile(rx)))
-    return out
+def test_image_sources_build_the_package(tmp_path: Path) -> None:
+    """Every COPY source of the Dockerfile exists, and `pip install .` as the
+    image runs it (built here as a wheel) ships every package file.
 
-
-def _build_context() -> list[str]:
-    """Files docker would send as the build context (paths relative to the root)."""
-    patterns = _ignore_patterns()
-
-    def excluded(rel: str) -> bool:
-        parts = rel.split("/")
-        candidates = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
-        verdict = False
-        for negated, rx in patterns:  # the last matching pattern decides
-            if any(rx.fullmatch(c) for c in candidates):
-                verdict = not negated
-        return verdict
-
-    reinclude_roots = {
-        rx.pattern.split("/")[0].replace("\\", "") for negated, rx in patterns if negated
-    }
-    files = []
-    for dirpath, dirnames, filenames in os.walk(ROOT):
-        rel_dir = os.path.relpath(dirpath, ROOT)
-        prefix = "" if rel_dir == "." else rel_dir + "/"
-        # an excluded top-level directory that no "!" pattern reaches is not walked
-        dirnames[:] = [d for d in dirnames if prefix or not excluded(d) or d in reinclude_roots]
-        files += [prefix + f for f in filenames if not excluded(prefix + f)]
-    return sorted(files)
-
-
-def test_docker_build_context_builds_the_package(tmp_path: Path) -> None:
-    """What .dockerignore lets through holds every COPY source and is enough for
-    `pip install .` (built here as a wheel, since no Docker engine is at hand)."""
-    context = _build_context()
-    assert not [f for f in context if f.startswith((".venv/", ".git/", "tests/"))]
+    What `.dockerignore` lets into the build context is Docker's to decide and
+    cannot be observed without a Docker engine; re-implementing its matcher
+    here only tested the re-implementation, so this test does not."""
     for word, rest in _instructions():
         if word == "COPY" and "--from" not in rest:
             for source in rest.split()[:-1]:
-                assert any(
-                    f == source or f.startswith(source.rstrip("/") + "/") for f in context
-                ), f"COPY {source}: not in the build context"
-    ctx = tmp_path / "context"
-    for rel in context:
-        (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, ctx / rel)
+                assert (ROOT / source).exists(), f"COPY {source}: no such file"
     # With build isolation, as `pip install .` in the image: pip fetches the
     # build backend pyproject.toml asks for.
-    result = _run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--wheel-dir",
-            str(tmp_path / "wheels"),
-            str(ctx),
-        ]
-    )
+    result = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir",
+                   str(tmp_path / "wheels"), str(ROOT)])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (wheel,) = (tmp_path / "wheels").glob("tutorgate-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    shipped = {f for f in context if f.startswith("gateway/")}
+    shipped = {p.relative_to(ROOT).as_posix() for p in (ROOT / "gateway").rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts}
     assert shipped - names == set(), "package files the image would lack (package-data?)"
 
 

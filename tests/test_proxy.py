@@ -389,21 +389,3 @@ async def test_demo_countdown_through_the_gateway(http):
     finally:
         await runner.cleanup()
         await site.cleanup()
-
-
-def test_serving_tunes_the_garbage_collector() -> None:
-    """serve() raises the first collection threshold (requests end before a
-    collection, so their objects are not promoted) and freezes what startup
-    built (full collections skip it)."""
-    import gc
-
-    from gateway import app
-
-    before = gc.get_threshold()
-    try:
-        app.tune_gc()
-        assert gc.get_threshold() == (app.GC_THRESHOLD, *before[1:])
-        assert gc.get_freeze_count() > 0
-    finally:
-        gc.unfreeze()
-        gc.set_threshold(*before)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from ..clock import ClockLimits, Step
+from ..clock import ClockLimits, Step, quiet_end
 from ..redis import RedisClient
 from ..redis.node import Node
 from ..redis.resp import Script, bulk, bulks, noscript
@@ -36,7 +36,7 @@ class Known:
     """A lesson in progress as Redis last answered for it, the node that
     holds it, and its touch command without the time (packed once)."""
 
-    __slots__ = ("end", "head", "keys", "last", "limits", "node", "quiet", "start", "start_s")
+    __slots__ = ("end", "head", "keys", "last", "limits", "node", "start", "start_s")
 
     def __init__(self, start_s: str, start: float, last: float, limits: ClockLimits,
                  keys: str, node: Node, end: float) -> None:
@@ -44,7 +44,6 @@ class Known:
         self.limits, self.keys, self.node = limits, keys, node
         self.head = TOUCH.command(4, keys + bulk(start_s))
         self.end = end                                     # the lesson or the day's limit
-        self.quiet = limits.min_break - FAST_MARGIN        # idle this long: ask Redis
 
 
 class Touches:
@@ -133,7 +132,9 @@ class FastPath:
             self._known = {k: v for k, v in self._known.items() if v.end > t}
             if len(self._known) >= KNOWN_MAX:
                 self.forget()
-        end = min(step.start + limits.max_duration, step.now + step.remaining)
+        # Redis's `remaining` is clock.limit_end(start, used, limits) - now, as
+        # the script computed it with the day's `used` it holds
+        end = step.now + step.remaining
         self._known[key] = Known(start_s, step.start, step.now, limits, self._keys(key),
                                  node, end)
 
@@ -152,7 +153,8 @@ class FastPath:
         if known is None or known.limits is not limits or not known.node.up:
             return None
         t = self.clock.now()
-        if t >= known.end - FAST_MARGIN or t - known.last >= known.quiet:
+        if t >= known.end - FAST_MARGIN or \
+                t >= quiet_end(known.last, known.limits) - FAST_MARGIN:
             return None
         if t > known.last:
             known.last = t
