@@ -13,7 +13,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,15 +189,30 @@ class Proxy:
 
     async def enforce(self, request: web.Request, target: Target, rt: Runtime,
                       route: Route) -> web.StreamResponse:
-        policy = rt.policy
         ws = _is_websocket(request)
+        decision, lesson = await self.decide(rt, route, request.headers,
+                                             request.cookies if rt.identify.uses_cookies
+                                             else _NO_COOKIES, ws)
+        if not decision.allowed:
+            return denial(decision.rule or rules.STATE_UNAVAILABLE, decision.retry_after,
+                          request.headers, rt.policy.locale)
+        if ws:
+            return await self.websocket(request, target, route, lesson, decision)
+        return await self.forward(request, target, route, lesson)
+
+    async def decide(self, rt: Runtime, route: Route, headers: CIMultiDictProxy[str],
+                     cookies: Mapping[str, str], hold: bool,
+                     ) -> tuple[rules.Decision, Lesson | None]:
+        """The enforcement half of a request on an enforced route, without
+        forwarding: identity, rules, the store's clock step, metrics, logs
+        and audit. `hold` takes a connection lease in the same step (a
+        WebSocket this process will hold)."""
+        policy = rt.policy
         ctx = logs.current.get()
         if ctx is not None:
             ctx.route = route.prefix
         if route.kind == "lesson":
-            identify = rt.identify
-            student = identify(request.headers,
-                               request.cookies if identify.uses_cookies else _NO_COOKIES)
+            student = rt.identify(headers, cookies)
             if student.region is not None and not policy.knows_region(student.region):
                 self.metrics.unknown_region.inc()
             if ctx is not None:
@@ -206,7 +221,7 @@ class Proxy:
             student = rules.Student(problem="missing")
         now = self.clock.now()
         pre = rules.precheck(policy, route, student, now)
-        conn_id = new_conn_id() if ws else None
+        conn_id = new_conn_id() if hold else None
         if isinstance(pre, rules.Pending):
             assert student.key is not None
             try:
@@ -236,15 +251,12 @@ class Proxy:
                      extra={"rule": decision.rule})
             if self.on_event is not None:
                 self.on_event("deny", student.key, decision.rule, route.category, region)
-            return denial(decision.rule or rules.STATE_UNAVAILABLE, decision.retry_after,
-                          request.headers, policy.locale)
+            return decision, None
         self.count("allow", None, route.category, region)
         lesson = None
         if route.kind == "lesson" and student.key is not None and decision.step is not None:
             lesson = Lesson(student, student.key, route, decision, conn_id)
-        if ws:
-            return await self.websocket(request, target, route, lesson, decision)
-        return await self.forward(request, target, route, lesson)
+        return decision, lesson
 
     def _observe_step(self, key: str, step: Any, pre: rules.Pending,
                       decision: rules.Decision) -> None:
