@@ -30,7 +30,8 @@ import aiohttp
 import harness
 from harness import HOST, BenchError, Child, Children
 
-LINE_KEYS = ("direct", "bare", "gw_pass", "gw_lesson", "gw_pass_mem", "gw_lesson_mem")
+LINE_KEYS = ("direct", "bare", "gw_pass", "gw_lesson", "gw_pass_mem", "gw_lesson_mem",
+             "nginx", "nginx_authz", "nginx_pass")
 LABELS = {
     "direct": "direct upstream",
     "bare": "bare aiohttp proxy",
@@ -38,7 +39,20 @@ LABELS = {
     "gw_lesson": "gateway enforced (redis)",
     "gw_pass_mem": "gateway pass-through (memory)",
     "gw_lesson_mem": "gateway enforced (memory)",
+    "nginx": "nginx alone",
+    "nginx_authz": "nginx + tutorgate authz, lesson",
+    "nginx_pass": "nginx example, pass-through",
 }
+# The decision service (issue 14): (line, baseline) -> the issue's target ratio.
+PAIR_TARGETS = {("nginx_authz", "nginx"): 0.35, ("nginx_authz", "gw_lesson"): 1.5,
+                ("nginx_pass", "nginx"): 0.95}
+NGINX_ALONE = """upstream app {{ server {app}; keepalive 64; }}
+server {{
+    listen {port};
+    location / {{ proxy_pass http://app; proxy_http_version 1.1;
+                 proxy_set_header Connection ""; }}
+}}
+"""
 RATIO_ORDER = ("gw_lesson", "gw_pass", "gw_lesson_mem", "gw_pass_mem", "direct")
 TARGETS = {"gw_lesson": 0.80, "gw_pass": 0.95}  # the issue's: req/s of the line / bare proxy
 PASS_PATH = "/static/x"  # no policy route matches it
@@ -188,7 +202,7 @@ def measure(target: Target, settings: Settings, upstream: Child) -> Line:
         share = 100.0 * result.non_2xx / max(result.requests, 1)
         what = (
             "INVALID enforced run: requests were not allowed"
-            if target.key in ("gw_lesson", "gw_lesson_mem")
+            if target.key in ("gw_lesson", "gw_lesson_mem", "nginx_authz")
             else "errors from the proxy or the upstream"
         )
         line.warnings.append(
@@ -294,6 +308,8 @@ class Servers:
             self._try("gateway with redis", self._gateway_redis)
         if "gw_pass_mem" in self.wanted or "gw_lesson_mem" in self.wanted:
             self._try("gateway in memory mode", self._gateway_memory)
+        if {"nginx", "nginx_authz", "nginx_pass"} & set(self.wanted):
+            self._try("nginx", self._nginx)
         order = {key: index for index, key in enumerate(LINE_KEYS)}
         self.targets.sort(key=lambda target: order[target.key])
 
@@ -346,9 +362,63 @@ class Servers:
             raise
         self._add_gateway_lines(gateway, base, redis, ("gw_pass", "gw_lesson"))
 
+    def _nginx_child(self, name: str, site: str, port: int) -> Child:
+        nginx_local = _nginx_local()
+        d = harness.LOG_DIR / name
+        conf = nginx_local.write(d, site)
+        child = self.kids.start(name, [nginx_local.NGINX, "-p", str(d), "-e",
+                                       str(d / "error.log"), "-c", str(conf),
+                                       "-g", "daemon off;"])
+        harness.wait_tcp(port, child)
+        return child
+
+    def _nginx(self) -> None:
+        """nginx alone, and the shipped example (deploy/nginx) in front of
+        `tutorgate authz` on Redis; one nginx worker each."""
+        app = self.upstream_url.removeprefix("http://")
+        if "nginx" in self.wanted:
+            port = harness.free_port()
+            child = self._nginx_child("nginx-alone", NGINX_ALONE.format(app=app, port=port),
+                                      port)
+            self.targets.append(Target("nginx", f"http://{HOST}:{port}{PASS_PATH}", child))
+        if not {"nginx_authz", "nginx_pass"} & set(self.wanted):
+            return
+        redis, redis_url = harness.start_redis(self.kids, "redis-authz")
+        port, admin_port = harness.free_port(), harness.free_port()
+        argv = harness.gateway_argv(self.policy, "", port, admin_port, redis_url)
+        argv[1:6] = ["authz", "--policy", str(self.policy)]  # no --upstream
+        authz = self.kids.start("tutorgate-authz", argv, env=harness.gateway_env())
+        admin = f"http://{HOST}:{admin_port}"
+        harness.wait_http(f"{admin}/readyz", authz, want=200, timeout=30)
+        self.admins["tutorgate-authz"] = admin
+        nport = harness.free_port()
+        # lesson WebSockets would go to a serve instance; the bench sends none
+        site = _nginx_local().render(app, f"{HOST}:{port}", f"{HOST}:{harness.free_port()}",
+                                     nport)
+        child = self._nginx_child("nginx-authz", site, nport)
+        base = f"http://{HOST}:{nport}"
+        if "nginx_authz" in self.wanted:
+            self.targets.append(Target("nginx_authz", base + LESSON_PATH, child, redis,
+                                       preflight(base + LESSON_PATH, expect_lesson=True)))
+        if "nginx_pass" in self.wanted:
+            self.targets.append(Target("nginx_pass", base + PASS_PATH, child, None,
+                                       preflight(base + PASS_PATH, expect_lesson=False)))
+
     def _gateway_memory(self) -> None:
         gateway, base, _admin = self._gateway("gateway-memory", None)
         self._add_gateway_lines(gateway, base, None, ("gw_pass_mem", "gw_lesson_mem"))
+
+
+def _nginx_local():  # type: ignore[no-untyped-def]
+    """deploy/nginx/local.py: renders and starts the shipped example."""
+    import importlib.util
+
+    path = harness.BENCH_DIR.parent / "deploy" / "nginx" / "local.py"
+    spec = importlib.util.spec_from_file_location("nginx_local", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # --------------------------------------------------------------------------- report
@@ -400,6 +470,28 @@ def ratios(
     return out
 
 
+def pair_ratios(per_round: Sequence[Sequence[Line]]) -> dict[str, dict[str, object]]:
+    """The decision service's ratios (PAIR_TARGETS): the median over rounds of
+    each round's line / baseline req/s."""
+    out: dict[str, dict[str, object]] = {}
+    for (key, base), target in PAIR_TARGETS.items():
+        rounds = [
+            mine.rps / other.rps
+            for round_lines in per_round
+            for mine in round_lines
+            if mine.key == key
+            for other in round_lines
+            if other.key == base and other.rps > 0
+        ]
+        if not rounds:
+            continue
+        ratio = statistics.median(rounds)
+        out[f"{key}/{base}"] = {"ratio": round(ratio, 3), "target": target,
+                                "verdict": "PASS" if ratio >= target else "MISS",
+                                "per_round": [round(r, 3) for r in rounds]}
+    return out
+
+
 def print_report(lines: Sequence[Line], table_ratios: dict[str, dict[str, object]]) -> None:
     header = (
         f"{'line':<30} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU us/req':>10} "
@@ -417,7 +509,8 @@ def print_report(lines: Sequence[Line], table_ratios: dict[str, dict[str, object
         print(f"(medians of {rounds} interleaved rounds; ratios: median of the rounds' ratios)")
     print()
     for key, entry in table_ratios.items():
-        name = f"{LABELS[key]} / bare"
+        mine, _, base = key.partition("/")
+        name = f"{LABELS[mine]} / {LABELS[base] if base else 'bare'}"
         text = f"{name:<38} {entry['ratio']:>5.2f}x"
         cpu_ratio = entry.get("cpu_ratio")
         if isinstance(cpu_ratio, float):
@@ -427,7 +520,7 @@ def print_report(lines: Sequence[Line], table_ratios: dict[str, dict[str, object
         per_round = entry.get("per_round")
         if isinstance(per_round, list):
             text += "   rounds: " + " ".join(f"{r:.2f}" for r in per_round)
-        if not entry["valid"]:
+        if entry.get("valid") is False:
             text += "   (line has warnings, see below)"
         print(text)
     for line in lines:
@@ -538,7 +631,7 @@ def run(settings: Settings, wanted: Sequence[str]) -> int:
     with Children() as kids:
         upstream, upstream_url = harness.start_upstream(kids)
         policy = harness.RESULTS_DIR / "policy.yaml"
-        if any(key.startswith("gw_") for key in wanted):
+        if any(key.startswith(("gw_", "nginx_")) for key in wanted):
             curfew = harness.write_policy(policy)
             record["policy"] = {"file": str(policy), "curfew": list(curfew)}
             print(f"  policy: {policy} (curfew {curfew[0]}-{curfew[1]} Asia/Shanghai)")
@@ -570,6 +663,7 @@ def run(settings: Settings, wanted: Sequence[str]) -> int:
     keys = [key for key in LINE_KEYS if any(line.key == key for r in per_round for line in r)]
     lines = [combine([line for r in per_round for line in r if line.key == key]) for key in keys]
     table_ratios = ratios(lines, per_round)
+    table_ratios.update(pair_ratios(per_round))
     record["lines"] = [asdict(line) for line in lines]
     if settings.rounds > 1:
         record["rounds"] = [[asdict(line) for line in r] for r in per_round]

@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from . import logs, rules
 from .activity import ActivityView
 from .audit import AuditWriter
+from .authz import AUTHZ_PATH, DENIAL_PATH, Authz
 from .clock import lesson_deadline
 from .codes import Rule
 from .enforcement import Enforcer, Runtime
@@ -88,6 +89,7 @@ class Gateway:
                                    lambda: self.runtime.policy.locale,
                                    max_body=settings.max_body, read_timeout=settings.read_timeout)
         self.proxy = Proxy(self.enforcer, self.forwarder)
+        self.authz = Authz(self.enforcer, self.metrics)
         self.scheduler = Scheduler(self.metrics)
         self.metrics.calendar_provisional.set_function(self.calendar_provisional)
         self.audit: AuditWriter | None = None
@@ -253,6 +255,9 @@ class Gateway:
                 await self.redis.close()
 
     async def _upstream_lifetime(self, app: web.Application) -> AsyncIterator[None]:
+        if not self.settings.upstream:  # `tutorgate authz` asks no upstream
+            yield
+            return
         await self.forwarder.start(self.settings.pool_size)
         try:
             yield
@@ -308,8 +313,24 @@ class Gateway:
         app.cleanup_ctx.extend(self.lifetimes())
         app.on_response_prepare.append(_stamp_request_id)
         app.router.add_route("GET", STATUS_PATH, self.status)
+        self._authz_routes(app)
         app.router.add_route("*", "/{tail:.*}", self.proxy.handle)
         return app
+
+    def authz_app(self) -> web.Application:
+        """`tutorgate authz`: the decision service alone, no upstream."""
+        app = web.Application()
+        app[GATEWAY] = self
+        app.cleanup_ctx.extend(self.lifetimes())
+        app.on_response_prepare.append(_stamp_request_id)
+        app.router.add_route("GET", STATUS_PATH, self.status)
+        self._authz_routes(app)
+        return app
+
+    def _authz_routes(self, app: web.Application) -> None:
+        app.router.add_route("*", AUTHZ_PATH, self.authz.check)
+        app.router.add_route("*", AUTHZ_PATH + "/{tail:.*}", self.authz.check)
+        app.router.add_route("GET", DENIAL_PATH, self.authz.render)
 
     def admin_app(self) -> web.Application:
         app = web.Application()
@@ -324,7 +345,7 @@ class Gateway:
         answering while the main one is full."""
         s = self.settings
         main = GuardedRunner(
-            self.main_app(),
+            self.main_app() if s.upstream else self.authz_app(),
             ConnGuard(ConnLimits(s.header_timeout, s.keepalive_timeout, max_connections),
                       self.metrics),
             access_log=logging.getLogger(logs.ACCESS_LOGGER) if s.access_log else None,
@@ -404,7 +425,8 @@ async def serve(settings: Settings, policy: Policy) -> int:
     await main_site.start()
     await admin_site.start()
     log.info("serving on http://%s:%d -> %s (admin http://%s:%d, policy %s sha=%s)",
-             *settings.listen, settings.upstream, *settings.admin_listen,
+             *settings.listen, settings.upstream or "decisions only (authz)",
+             *settings.admin_listen,
              settings.policy_path, policy.sha)
     tune_gc()
     stop = asyncio.Event()

@@ -64,10 +64,11 @@ def _use_uvloop() -> None:
 
 def cmd_serve(a: argparse.Namespace) -> int:
     policy_path = a.policy or env("TUTORGATE_POLICY")
-    upstream = a.upstream or env("TUTORGATE_UPSTREAM")
+    # `authz` is serve without an upstream: decisions only (authz.py)
+    upstream = "" if a.command == "authz" else a.upstream or env("TUTORGATE_UPSTREAM") or ""
     if not policy_path:
-        return _fail("serve needs --policy FILE (or TUTORGATE_POLICY)")
-    if not upstream:
+        return _fail(f"{a.command} needs --policy FILE (or TUTORGATE_POLICY)")
+    if not upstream and a.command == "serve":
         return _fail("serve needs --upstream URL (or TUTORGATE_UPSTREAM)")
     try:
         listen = parse_hostport(a.listen or env("TUTORGATE_LISTEN") or "127.0.0.1:8080")
@@ -305,6 +306,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "[TUTORGATE_ACCESS_LOG=1]")
     _log_options(s)
     s.set_defaults(func=cmd_serve)
+
+    az = sub.add_parser("authz", help="decide for an ingress (nginx, Envoy, Traefik) "
+                                      "without proxying",
+                        description="Answer /_tutorgate/authz for an ingress that asks before "
+                                    "it forwards (nginx auth_request, Envoy ext_authz, "
+                                    "Traefik ForwardAuth): the same rules, clock, metrics "
+                                    "and audit as serve, no upstream. Every option also "
+                                    "reads an environment variable (in brackets).",
+                        epilog=_env_epilog(),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    az.add_argument("--policy", metavar="FILE", help="policy YAML file [TUTORGATE_POLICY]")
+    az.add_argument("--listen", metavar="HOST:PORT",
+                    help="address the ingress asks (default 127.0.0.1:8080) "
+                         "[TUTORGATE_LISTEN]")
+    az.add_argument("--admin-listen", metavar="HOST:PORT",
+                    help="address of /healthz /readyz /metrics (default 127.0.0.1:9100) "
+                         "[TUTORGATE_ADMIN_LISTEN]")
+    az.add_argument("--redis", metavar="URL",
+                    help="Redis URL for shared state; without it state is kept in process "
+                         "memory (one instance) [TUTORGATE_REDIS_URL]")
+    az.add_argument("--access-log", action="store_true", default=False,
+                    help="log one line per check (default off) [TUTORGATE_ACCESS_LOG=1]")
+    _log_options(az)
+    az.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("check", help="validate a policy and summarize what it enforces",
                        description="Validate a policy file: exit 0 and a summary if valid, "

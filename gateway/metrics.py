@@ -235,6 +235,12 @@ class Metrics:
             "tutorgate_audit_dropped_total",
             "Audit events lost unwritten: the buffer's bound was hit (Redis down for long) "
             "or they were still buffered at shutdown.", ["reason"], registry=r)
+        self.authz_checks = Counter(
+            "tutorgate_authz_checks_total",
+            "Questions an ingress asked the decision service (/_tutorgate/authz), by "
+            "answer: pass (route not enforced), allow or deny.", ["answer"], registry=r)
+        for answer in ("pass", "allow", "deny"):
+            self.authz_checks.labels(answer)
 
     def prime(self, region_labels: Sequence[str], shadowed: Sequence[str] = ()) -> None:
         """Create the series a dashboard asks about before their first event.
