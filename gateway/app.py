@@ -311,7 +311,6 @@ class Gateway:
                               client_max_size=1024 ** 4)
         app[GATEWAY] = self
         app.cleanup_ctx.extend(self.lifetimes())
-        app.on_response_prepare.append(_stamp_request_id)
         app.router.add_route("GET", STATUS_PATH, self.status)
         self._authz_routes(app)
         app.router.add_route("*", "/{tail:.*}", self.proxy.handle)
@@ -322,7 +321,6 @@ class Gateway:
         app = web.Application()
         app[GATEWAY] = self
         app.cleanup_ctx.extend(self.lifetimes())
-        app.on_response_prepare.append(_stamp_request_id)
         app.router.add_route("GET", STATUS_PATH, self.status)
         self._authz_routes(app)
         return app
@@ -380,14 +378,6 @@ class Gateway:
 
 
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
-
-
-async def _stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """Every answer carries the request id it was forwarded and logged with."""
-    ctx = logs.current.get()
-    if ctx is None:  # not through the proxy (the status endpoint)
-        ctx = logs.begin_request(request.headers.get(logs.REQUEST_ID))
-    response.headers[logs.REQUEST_ID] = ctx.request_id
 
 
 def tune_gc() -> None:

@@ -90,7 +90,7 @@ class Authz:
         route = rt.policy.match(target.key)
         if route is None:
             self._answers["pass"].inc()
-            return web.Response(headers=_PASS)
+            return web.Response(headers={**_PASS, logs.REQUEST_ID: logs.request_id()})
         # a check holds no connection: an upgrade is decided as a plain request
         verdict = await enforcer.enforce(route, headers, lambda: request.cookies, False)
         decision, lesson = verdict.decision, verdict.lesson
@@ -101,7 +101,7 @@ class Authz:
                                                           rt.policy.locale),
                                 rule, decision.retry_after, nginx)
         self._answers["allow"].inc()
-        out = {"X-Tutorgate-Decision": "allow"}
+        out = {"X-Tutorgate-Decision": "allow", logs.REQUEST_ID: logs.request_id()}
         if lesson is not None:
             out["X-Lesson-Remaining"] = str(max(math.floor(decision.lesson_remaining or 0.0),
                                                 0))
@@ -115,7 +115,7 @@ class Authz:
             retry = whole_seconds_up(retry_after)
             out = {"X-Tutorgate-Decision": "deny", "X-Tutorgate-Rule": rule,
                    "X-Tutorgate-Status": str(STATUS.get(rule, 403)),
-                   "Cache-Control": "no-store"}
+                   "Cache-Control": "no-store", logs.REQUEST_ID: logs.request_id()}
             if retry is not None:
                 out["Retry-After"] = str(retry)
             return web.Response(status=403, headers=out)

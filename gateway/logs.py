@@ -72,16 +72,19 @@ if hasattr(os, "register_at_fork"):  # a forked worker must not repeat its paren
     os.register_at_fork(after_in_child=_ids.reset)
 
 
-def new_request_id() -> str:
-    return _ids.next()
-
-
 def accept_request_id(sent: str | None) -> str:
     """The id a request travels with: the one it came with if valid
     (1-128 of A-Z a-z 0-9 . _ -), else a new one."""
     if sent is not None and _VALID_ID.fullmatch(sent):
         return sent
     return _ids.next()
+
+
+def request_id() -> str:
+    """The id of the request being served (a new one outside a request):
+    what goes upstream and back to the client."""
+    ctx = current.get()
+    return ctx.request_id if ctx is not None else _ids.next()
 
 
 def begin_request(sent: str | None) -> RequestContext:

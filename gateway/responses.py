@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-from . import messages
+from . import logs, messages
 from .codes import STATUS
 from .messages import Locale
 
@@ -63,7 +63,7 @@ def denial(rule: str, retry_after: float | None, headers: Mapping[str, str],
     lang = messages.choose(headers.get("Accept-Language", ""), locale)
     words = messages.text(rule, lang)
     out = {"Cache-Control": "no-store", "Content-Language": lang,
-           "Vary": "Accept, Accept-Language"}
+           "Vary": "Accept, Accept-Language", logs.REQUEST_ID: logs.request_id()}
     if retry is not None:
         out["Retry-After"] = str(retry)
     status = status or STATUS.get(rule, 403)

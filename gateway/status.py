@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 
-from . import rules
+from . import logs, rules
 from .clock import ClockState, Limits, in_lesson, lesson_deadline, lesson_end
 from .codes import Rule
 from .enforcement import Enforcer
@@ -56,6 +56,7 @@ _WHY = {"lesson": "a lesson is in progress: it must end in lesson_remaining seco
 
 async def student_status(enforcer: Enforcer, request: web.Request) -> web.Response:
     """The student's clock as JSON (the contract's status endpoint)."""
+    logs.begin_request(request.headers.get(logs.REQUEST_ID))
     rt = enforcer.rt
     policy = rt.policy
     student = rt.identify(request.headers, request.cookies)
@@ -99,4 +100,4 @@ async def student_status(enforcer: Enforcer, request: web.Request) -> web.Respon
         if next_at is not None:
             out["next_lesson_at"] = _iso(next_at, profile.tz)
     return web.Response(text=json.dumps(out, ensure_ascii=False), content_type="application/json",
-                        headers={"Cache-Control": "no-store"})
+                        headers={"Cache-Control": "no-store", logs.REQUEST_ID: logs.request_id()})
