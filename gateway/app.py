@@ -421,8 +421,12 @@ async def serve(settings: Settings, policy: Policy) -> int:
     main_runner, admin_runner = gw.runners(cap)
     await main_runner.setup()
     await admin_runner.setup()
-    main_site = web.TCPSite(main_runner, *settings.listen, backlog=1024, reuse_address=True)
-    admin_site = web.TCPSite(admin_runner, *settings.admin_listen, reuse_address=True)
+    main_site = web.TCPSite(main_runner, *settings.listen, backlog=1024, reuse_address=True,
+                            reuse_port=settings.reuse_port or None)
+    admin_site: web.BaseSite = web.TCPSite(admin_runner, *settings.admin_listen,
+                                           reuse_address=True)
+    if settings.admin_socket is not None:  # a worker: its supervisor scrapes it (workers.py)
+        admin_site = web.UnixSite(admin_runner, settings.admin_socket)
     await main_site.start()
     await admin_site.start()
     log.info("serving on http://%s:%d -> %s (admin http://%s:%d, policy %s sha=%s)",

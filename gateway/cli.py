@@ -87,6 +87,14 @@ def cmd_serve(a: argparse.Namespace) -> int:
     except ValueError as e:
         return _fail(str(e))
     redis_url = a.redis or env("TUTORGATE_REDIS_URL")
+    from .workers import parse_workers, workers_problem
+    try:
+        workers = parse_workers(a.workers or env("TUTORGATE_WORKERS"))
+    except ValueError as e:
+        return _fail(str(e))
+    problem = workers_problem(workers, redis_url)
+    if problem is not None:
+        return _fail(problem)
     secret = env("TUTORGATE_ID_SECRET")
     if redis_url and not secret:
         return _fail("TUTORGATE_ID_SECRET is required with --redis: student pseudonyms must "
@@ -130,9 +138,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
                 not policy.national.covers(dt.date.today()):
             return _fail(gap)
         log.warning("%s", gap)
-    from .app import serve
-    _use_uvloop()
     try:
+        if workers > 1:
+            from .workers import supervise
+            return supervise(settings, workers, log_level=a.log_level or env(
+                "TUTORGATE_LOG_LEVEL") or "INFO", log_format=log_format)
+        from .app import serve
+        _use_uvloop()
         return asyncio.run(serve(settings, policy))
     except OSError as e:
         return _fail(f"cannot listen: {e}", 1)
@@ -385,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--redis", metavar="URL",
                    help="Redis URL for shared state; without it state is kept in process "
                         "memory (one instance) [TUTORGATE_REDIS_URL]")
+    s.add_argument("--workers", metavar="N",
+                   help="worker processes sharing the listen port (SO_REUSEPORT), one per "
+                        "core; above 1 needs --redis (default 1) [TUTORGATE_WORKERS]")
     s.add_argument("--access-log", action="store_true", default=False,
                    help="log one line per request: method, policy route (never the path), "
                         "status, time, request id, student pseudonym (default off) "
