@@ -427,8 +427,16 @@ async def serve(settings: Settings, policy: Policy) -> int:
                                            reuse_address=True)
     if settings.admin_socket is not None:  # a worker: its supervisor scrapes it (workers.py)
         admin_site = web.UnixSite(admin_runner, settings.admin_socket)
-    await main_site.start()
-    await admin_site.start()
+    try:
+        await main_site.start()
+        await admin_site.start()
+    except OSError:
+        # Stop what setup started (the policy follower, the cut subscriber):
+        # left to asyncio.run's teardown, the follower never ended and a
+        # gateway that could not bind hung instead of exiting 1.
+        await main_runner.cleanup()
+        await admin_runner.cleanup()
+        raise
     log.info("serving on http://%s:%d -> %s (admin http://%s:%d, policy %s sha=%s)",
              *settings.listen, settings.upstream, *settings.admin_listen,
              settings.policy_path, policy.sha)

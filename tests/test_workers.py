@@ -273,3 +273,23 @@ def test_merge_sums_counters_and_keeps_retired_counts() -> None:
     assert value(out, "tutorgate_decisions", "tutorgate_decisions_total", decision="allow") == 9
     assert value(out, "tutorgate_active_lessons", "tutorgate_active_lessons") == 2
     assert value(out, "h", "h_count") == 9
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_taken_listen_port_exits_1(policy_file: Path, private_redis: Any, workers: str) -> None:
+    """A gateway (or a worker) that cannot bind the listen port exits 1 at
+    once instead of hanging with its Redis tasks still running."""
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "tutorgate"), "serve", "--policy",
+             str(policy_file), "--upstream", "http://127.0.0.1:9", "--listen",
+             f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{free_port()}",
+             "--redis", private_redis.url, "--workers", workers],
+            capture_output=True, text=True, timeout=20,
+            env={**os.environ, "TUTORGATE_ID_SECRET": "x"})
+    assert done.returncode == 1
+    assert "cannot listen" in done.stderr
