@@ -30,13 +30,14 @@ import aiohttp
 import harness
 from harness import HOST, BenchError, Child, Children
 
-LINE_KEYS = ("direct", "bare", "gw_pass", "gw_lesson", "gw_pass_mem", "gw_lesson_mem",
-             "nginx", "nginx_authz", "nginx_pass")
+LINE_KEYS = ("direct", "bare", "gw_pass", "gw_lesson", "gw_lesson_w2", "gw_pass_mem",
+             "gw_lesson_mem", "nginx", "nginx_authz", "nginx_pass")
 LABELS = {
     "direct": "direct upstream",
     "bare": "bare aiohttp proxy",
     "gw_pass": "gateway pass-through (redis)",
     "gw_lesson": "gateway enforced (redis)",
+    "gw_lesson_w2": "gateway enforced, 2 workers",
     "gw_pass_mem": "gateway pass-through (memory)",
     "gw_lesson_mem": "gateway enforced (memory)",
     "nginx": "nginx alone",
@@ -53,7 +54,7 @@ server {{
                  proxy_set_header Connection ""; }}
 }}
 """
-RATIO_ORDER = ("gw_lesson", "gw_pass", "gw_lesson_mem", "gw_pass_mem", "direct")
+RATIO_ORDER = ("gw_lesson", "gw_lesson_w2", "gw_pass", "gw_lesson_mem", "gw_pass_mem", "direct")
 TARGETS = {"gw_lesson": 0.80, "gw_pass": 0.95}  # the issue's: req/s of the line / bare proxy
 PASS_PATH = "/static/x"  # no policy route matches it
 LESSON_PATH = "/classroom/arts/x"  # a lesson route (non_subject)
@@ -202,7 +203,7 @@ def measure(target: Target, settings: Settings, upstream: Child) -> Line:
         share = 100.0 * result.non_2xx / max(result.requests, 1)
         what = (
             "INVALID enforced run: requests were not allowed"
-            if target.key in ("gw_lesson", "gw_lesson_mem", "nginx_authz")
+            if target.key in ("gw_lesson", "gw_lesson_w2", "gw_lesson_mem", "nginx_authz")
             else "errors from the proxy or the upstream"
         )
         line.warnings.append(
@@ -300,12 +301,15 @@ class Servers:
     targets: list[Target] = field(default_factory=list)
     admins: dict[str, str] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    redis: tuple[Child, str] | None = None
 
     def start(self) -> None:
         if "bare" in self.wanted:
             self._try("bare proxy", self._bare)
         if "gw_pass" in self.wanted or "gw_lesson" in self.wanted:
             self._try("gateway with redis", self._gateway_redis)
+        if "gw_lesson_w2" in self.wanted:
+            self._try("gateway with 2 workers", self._gateway_workers)
         if "gw_pass_mem" in self.wanted or "gw_lesson_mem" in self.wanted:
             self._try("gateway in memory mode", self._gateway_memory)
         if {"nginx", "nginx_authz", "nginx_pass"} & set(self.wanted):
@@ -330,9 +334,12 @@ class Servers:
         harness.wait_http(f"{url}/", bare, want=200)
         self.targets.append(Target("bare", url + PASS_PATH, bare))
 
-    def _gateway(self, name: str, redis_url: str | None) -> tuple[Child, str, str]:
+    def _gateway(
+        self, name: str, redis_url: str | None, extra: Sequence[str] = ()
+    ) -> tuple[Child, str, str]:
         port, admin_port = harness.free_port(), harness.free_port()
         argv = harness.gateway_argv(self.policy, self.upstream_url, port, admin_port, redis_url)
+        argv += extra
         gateway = self.kids.start(name, argv, env=harness.gateway_env())
         admin = f"http://{HOST}:{admin_port}"
         try:
@@ -360,6 +367,7 @@ class Servers:
         except BenchError:
             self.kids.stop(redis)
             raise
+        self.redis = (redis, redis_url)
         self._add_gateway_lines(gateway, base, redis, ("gw_pass", "gw_lesson"))
 
     def _nginx_child(self, name: str, site: str, port: int) -> Child:
@@ -403,6 +411,16 @@ class Servers:
         if "nginx_pass" in self.wanted:
             self.targets.append(Target("nginx_pass", base + PASS_PATH, child, None,
                                        preflight(base + PASS_PATH, expect_lesson=False)))
+
+    def _gateway_workers(self) -> None:
+        """`serve --workers 2` on the same Redis as gw_lesson (its own if that
+        line is not wanted). CPU is charged to the supervisor and its workers."""
+        if self.redis is None:
+            self.redis = harness.start_redis(self.kids)
+        redis, redis_url = self.redis
+        gateway, base, _admin = self._gateway("gateway-workers", redis_url, ("--workers", "2"))
+        url = base + LESSON_PATH
+        self.targets.append(Target("gw_lesson_w2", url, gateway, redis, preflight(url, True)))
 
     def _gateway_memory(self) -> None:
         gateway, base, _admin = self._gateway("gateway-memory", None)

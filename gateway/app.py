@@ -410,10 +410,22 @@ async def serve(settings: Settings, policy: Policy) -> int:
     main_runner, admin_runner = gw.runners(cap)
     await main_runner.setup()
     await admin_runner.setup()
-    main_site = web.TCPSite(main_runner, *settings.listen, backlog=1024, reuse_address=True)
-    admin_site = web.TCPSite(admin_runner, *settings.admin_listen, reuse_address=True)
-    await main_site.start()
-    await admin_site.start()
+    main_site = web.TCPSite(main_runner, *settings.listen, backlog=1024, reuse_address=True,
+                            reuse_port=settings.reuse_port or None)
+    admin_site: web.BaseSite = web.TCPSite(admin_runner, *settings.admin_listen,
+                                           reuse_address=True)
+    if settings.admin_socket is not None:  # a worker: its supervisor scrapes it (workers.py)
+        admin_site = web.UnixSite(admin_runner, settings.admin_socket)
+    try:
+        await main_site.start()
+        await admin_site.start()
+    except OSError:
+        # Stop what setup started (the policy follower, the cut subscriber):
+        # left to asyncio.run's teardown, the follower never ended and a
+        # gateway that could not bind hung instead of exiting 1.
+        await main_runner.cleanup()
+        await admin_runner.cleanup()
+        raise
     log.info("serving on http://%s:%d -> %s (admin http://%s:%d, policy %s sha=%s)",
              *settings.listen, settings.upstream or "decisions only (authz)",
              *settings.admin_listen,

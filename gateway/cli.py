@@ -11,6 +11,7 @@ import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__, logs
 from .cli_policy import (
@@ -63,67 +64,89 @@ def _use_uvloop() -> None:
 # ---------------------------------------------------------------- serve
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    policy_path = a.policy or env("TUTORGATE_POLICY")
-    # `authz` is serve without an upstream: decisions only (authz.py)
-    upstream = "" if a.command == "authz" else a.upstream or env("TUTORGATE_UPSTREAM") or ""
-    if not policy_path:
-        return _fail(f"{a.command} needs --policy FILE (or TUTORGATE_POLICY)")
-    if not upstream and a.command == "serve":
-        return _fail("serve needs --upstream URL (or TUTORGATE_UPSTREAM)")
-    try:
-        listen = parse_hostport(a.listen or env("TUTORGATE_LISTEN") or "127.0.0.1:8080")
-        admin = parse_hostport(a.admin_listen or env("TUTORGATE_ADMIN_LISTEN") or "127.0.0.1:9100")
-    except ValueError as e:
-        return _fail(str(e))
-    redis_url = a.redis or env("TUTORGATE_REDIS_URL")
-    secret = env("TUTORGATE_ID_SECRET")
-    if redis_url and not secret:
-        return _fail("TUTORGATE_ID_SECRET is required with --redis: student pseudonyms must "
-                     "agree across instances and restarts")
-    if redis_url and (bad := _redis_problem(redis_url)):
-        return _fail(bad)
+    """`serve`, and `authz` (serve without an upstream: decisions only)."""
+    args = _serve_args(a)
+    if isinstance(args, str):
+        return _fail(args)
+    policy_path, upstream, listen, admin, redis_url, workers, secret = args
     policy = _load(policy_path)
     if isinstance(policy, int):
         return policy
     try:
-        max_body = _int_env("TUTORGATE_MAX_BODY")
-        pool = _int_env("TUTORGATE_UPSTREAM_POOL")
-        retention = _int_env("TUTORGATE_AUDIT_RETENTION_DAYS")
-        access_log = a.access_log or _bool_env("TUTORGATE_ACCESS_LOG")
         log_format = _log_format(a)
-        conns = _int_env("TUTORGATE_MAX_CONNECTIONS")
-        head_timeout = _seconds_env("TUTORGATE_HEADER_TIMEOUT")
-        idle_timeout = _seconds_env("TUTORGATE_KEEPALIVE_TIMEOUT")
+        settings = _settings_from_env(Settings(
+            policy_path=policy_path, upstream=upstream, listen=listen, admin_listen=admin,
+            redis_url=redis_url, id_secret=secret.encode() if secret else None,
+            instance=env("TUTORGATE_INSTANCE") or "",
+            access_log=a.access_log or _bool_env("TUTORGATE_ACCESS_LOG")))
     except ValueError as e:
         return _fail(str(e))
-    settings = Settings(
-        policy_path=policy_path, upstream=upstream, listen=listen, admin_listen=admin,
-        redis_url=redis_url, id_secret=secret.encode() if secret else None,
-        max_body=max_body, instance=env("TUTORGATE_INSTANCE") or "", access_log=access_log)
-    if pool:
-        settings = dataclasses.replace(settings, pool_size=pool)
-    if retention:
-        settings = dataclasses.replace(settings, audit_retention_days=float(retention))
-    if conns:
-        settings = dataclasses.replace(settings, max_connections=conns)
-    if head_timeout is not None:
-        settings = dataclasses.replace(settings, header_timeout=head_timeout)
-    if idle_timeout is not None:
-        settings = dataclasses.replace(settings, keepalive_timeout=idle_timeout)
-    logs.setup(a.log_level or env("TUTORGATE_LOG_LEVEL") or "INFO", log_format,
-               settings.instance_name)
+    log_level = a.log_level or env("TUTORGATE_LOG_LEVEL") or "INFO"
+    logs.setup(log_level, log_format, settings.instance_name)
     if not secret:
         log.warning("TUTORGATE_ID_SECRET is not set: using a random key (memory mode only; "
                     "pseudonyms change on restart)")
     refused = _gap_refuses(policy)
     if refused is not None:
         return _fail(refused)
-    from .app import serve
-    _use_uvloop()
     try:
+        if workers > 1:
+            from .workers import supervise
+            return supervise(settings, workers, log_level=log_level, log_format=log_format)
+        from .app import serve
+        _use_uvloop()
         return asyncio.run(serve(settings, policy))
     except OSError as e:
         return _fail(f"cannot listen: {e}", 1)
+
+
+ServeArgs = tuple[str, str, tuple[str, int], tuple[str, int], str | None, int, str | None]
+
+
+def _serve_args(a: argparse.Namespace) -> ServeArgs | str:
+    """What `serve`/`authz` need before the policy is read, or why not."""
+    from .workers import parse_workers, workers_problem
+    policy_path = a.policy or env("TUTORGATE_POLICY")
+    # `authz` is serve without an upstream: decisions only (authz.py)
+    upstream = "" if a.command == "authz" else a.upstream or env("TUTORGATE_UPSTREAM") or ""
+    if not policy_path:
+        return f"{a.command} needs --policy FILE (or TUTORGATE_POLICY)"
+    if not upstream and a.command == "serve":
+        return "serve needs --upstream URL (or TUTORGATE_UPSTREAM)"
+    try:
+        listen = parse_hostport(a.listen or env("TUTORGATE_LISTEN") or "127.0.0.1:8080")
+        admin = parse_hostport(a.admin_listen or env("TUTORGATE_ADMIN_LISTEN") or "127.0.0.1:9100")
+        workers = parse_workers(a.workers or env("TUTORGATE_WORKERS"))
+    except ValueError as e:
+        return str(e)
+    redis_url = a.redis or env("TUTORGATE_REDIS_URL")
+    problem = workers_problem(workers, redis_url)
+    if problem is not None:
+        return problem
+    secret = env("TUTORGATE_ID_SECRET")
+    if redis_url and not secret:
+        return ("TUTORGATE_ID_SECRET is required with --redis: student pseudonyms must "
+                "agree across instances and restarts")
+    if redis_url and (bad := _redis_problem(redis_url)):
+        return bad
+    return policy_path, upstream, listen, admin, redis_url, workers, secret
+
+
+def _settings_from_env(settings: Settings) -> Settings:
+    """The settings that only the environment sets (ValueError names a bad one)."""
+    changes: dict[str, Any] = {"max_body": _int_env("TUTORGATE_MAX_BODY")}
+    if pool := _int_env("TUTORGATE_UPSTREAM_POOL"):
+        changes["pool_size"] = pool
+    if retention := _int_env("TUTORGATE_AUDIT_RETENTION_DAYS"):
+        changes["audit_retention_days"] = float(retention)
+    if conns := _int_env("TUTORGATE_MAX_CONNECTIONS"):
+        changes["max_connections"] = conns
+    if (head := _seconds_env("TUTORGATE_HEADER_TIMEOUT")) is not None:
+        changes["header_timeout"] = head
+    if (idle := _seconds_env("TUTORGATE_KEEPALIVE_TIMEOUT")) is not None:
+        changes["keepalive_timeout"] = idle
+    return dataclasses.replace(settings, **changes)
+
 
 
 def _gap_refuses(policy: Policy) -> str | None:
@@ -300,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(docs/redis.md); "
                         "without it state is kept in process memory (one instance) "
                         "[TUTORGATE_REDIS_URL]")
+    s.add_argument("--workers", metavar="N",
+                   help="worker processes sharing the listen port (SO_REUSEPORT), one per "
+                        "core; above 1 needs --redis (default 1) [TUTORGATE_WORKERS]")
     s.add_argument("--access-log", action="store_true", default=False,
                    help="log one line per request: method, policy route (never the path), "
                         "status, time, request id, student pseudonym (default off) "
@@ -324,8 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="address of /healthz /readyz /metrics (default 127.0.0.1:9100) "
                          "[TUTORGATE_ADMIN_LISTEN]")
     az.add_argument("--redis", metavar="URL",
-                    help="Redis URL for shared state; without it state is kept in process "
-                         "memory (one instance) [TUTORGATE_REDIS_URL]")
+                    help="Redis URL for shared state: redis://, rediss://, "
+                         "redis+sentinel://H:P,.../SERVICE, redis+cluster://H:P,... "
+                         "(docs/redis.md); without it state is kept in process memory "
+                         "(one instance) [TUTORGATE_REDIS_URL]")
+    az.add_argument("--workers", metavar="N",
+                    help="worker processes sharing the listen port (SO_REUSEPORT), one per "
+                         "core; above 1 needs --redis (default 1) [TUTORGATE_WORKERS]")
     az.add_argument("--access-log", action="store_true", default=False,
                     help="log one line per check (default off) [TUTORGATE_ACCESS_LOG=1]")
     _log_options(az)

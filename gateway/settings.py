@@ -32,6 +32,10 @@ class Settings:
     header_timeout: float = 10.0
     keepalive_timeout: float = 75.0
     max_connections: int | None = None
+    # `serve --workers N` (workers.py): each worker binds the listen port with
+    # SO_REUSEPORT and serves its admin app on a private socket instead.
+    reuse_port: bool = False
+    admin_socket: str | None = None
 
     @property
     def instance_name(self) -> str:
