@@ -65,6 +65,27 @@ GC_THRESHOLD = 50_000
 Lifetime = Callable[[web.Application], AsyncIterator[None]]
 
 
+def make_store(settings: Settings, metrics: Metrics) -> tuple[StateStore, RedisClient | None]:
+    """The state store the settings ask for, and the Redis client under it
+    (None in memory mode), reporting every call to the metrics."""
+    if not settings.redis_url:
+        return MemoryStore(), None
+    from .store.redis import RedisStore
+
+    up: list[bool | None] = [None]
+
+    def on_call(op: str, seconds: float, ok: bool) -> None:
+        metrics.store_latency.labels(op).observe(seconds)
+        if not ok:
+            metrics.store_errors.labels(op).inc()
+        if ok is not up[0]:  # a gauge set takes a lock: only on a change
+            up[0] = ok
+            metrics.store_up.set(1 if ok else 0)
+
+    client = RedisClient(settings.redis_url, on_call=on_call)
+    return RedisStore(client), client
+
+
 class Gateway:
     def __init__(self, settings: Settings, policy: Policy, *, store: StateStore | None = None,
                  metrics: Metrics | None = None) -> None:
@@ -74,7 +95,9 @@ class Gateway:
         self.pseudonym = Pseudonymizer(secret)
         # the one Redis client every Redis user of this process shares
         self.redis: RedisClient | None = None
-        self.store = store or self._make_store()
+        if store is None:
+            store, self.redis = make_store(settings, self.metrics)
+        self.store = store
         # the one clock every deadline of this process is computed on
         self.clock = self.store.clock
         self.live = LiveRegistry(self.store, self.metrics, self.clock)
@@ -106,24 +129,6 @@ class Gateway:
         self.metrics.active_lessons.set_function(self.activity.active_lessons)
         self.metrics.students_in_break.set_function(self.activity.students_in_break)
         self._show_policy(policy)
-
-    def _make_store(self) -> StateStore:
-        if self.settings.redis_url:
-            from .store.redis import RedisStore
-
-            up: list[bool | None] = [None]
-
-            def on_call(op: str, seconds: float, ok: bool) -> None:
-                self.metrics.store_latency.labels(op).observe(seconds)
-                if not ok:
-                    self.metrics.store_errors.labels(op).inc()
-                if ok is not up[0]:  # a gauge set takes a lock: only on a change
-                    up[0] = ok
-                    self.metrics.store_up.set(1 if ok else 0)
-
-            self.redis = RedisClient(self.settings.redis_url, on_call=on_call)
-            return RedisStore(self.redis)
-        return MemoryStore()
 
     # ------------------------------------------------------------ policy
 

@@ -22,6 +22,7 @@ from .cli_policy import (
     cmd_check,
     cmd_explain,
 )
+from .eventloop import use_uvloop
 from .policy import Policy
 from .settings import UPSTREAM_POOL, Settings, env, parse_hostport
 
@@ -51,14 +52,6 @@ def _bool_env(name: str) -> bool:
     if v.lower() in _TRUE:
         return True
     raise ValueError(f"{name} must be 1/true/yes/on or 0/false/no/off, got {v!r}")
-
-
-def _use_uvloop() -> None:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - optional on exotic platforms
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 # ---------------------------------------------------------------- serve
@@ -94,7 +87,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
             from .workers import supervise
             return supervise(settings, workers, log_level=log_level, log_format=log_format)
         from .app import serve
-        _use_uvloop()
+        use_uvloop()
         return asyncio.run(serve(settings, policy))
     except OSError as e:
         return _fail(f"cannot listen: {e}", 1)
@@ -194,7 +187,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     listen = parse_hostport(a.listen or env("TUTORGATE_LISTEN") or "127.0.0.1:8080")
     admin = parse_hostport(a.admin_listen or env("TUTORGATE_ADMIN_LISTEN") or "127.0.0.1:9100")
     from .demo.run import run_demo
-    _use_uvloop()
+    use_uvloop()
     return asyncio.run(run_demo(listen, admin))
 
 
@@ -205,7 +198,7 @@ def cmd_demo_upstream(a: argparse.Namespace) -> int:
         return _fail(str(e))
     listen = parse_hostport(a.listen, default_host="0.0.0.0")
     from .demo.site import run_site
-    _use_uvloop()
+    use_uvloop()
     return asyncio.run(run_site(listen))
 
 

@@ -451,14 +451,14 @@ def worker_main() -> int:
     _die_with(spec.supervisor)
     from . import logs
     from .app import serve
-    from .cli import _use_uvloop
+    from .eventloop import use_uvloop
 
     s = spec.settings
     logs.setup(spec.log_level, "json" if spec.log_format == "json" else "text",
                s.instance_name)
     policy = parse_policy(spec.policy_text, s.policy_path,
                           relative_reader(Path(s.policy_path).parent), os.environ.get)
-    _use_uvloop()
+    use_uvloop()
     try:
         return asyncio.run(serve(s, policy))
     except OSError as e:
