@@ -8,6 +8,7 @@ from typing import Any
 
 from . import rules
 from .clock import ClockState
+from .durations import human_duration
 from .identity import parse_grade
 from .paths import Refused, canonical
 from .policy import Policy
@@ -63,20 +64,6 @@ def explain(policy: Policy, path: str, at: dt.datetime, *, grade: str | None = N
 
 MARKS = {True: "x", False: "-"}
 LEGEND = "legend: [x] the rule applies, [-] it does not"
-
-
-def human_duration(seconds: int) -> str:
-    """Whole seconds as a reader counts them: 45 s, 12 m 5 s, 3 h 20 m, 4 d 5 h."""
-    if seconds < 60:
-        return f"{seconds} s"
-    m, s = divmod(seconds, 60)
-    if m < 60:
-        return f"{m} m {s} s" if s else f"{m} m"
-    h, m = divmod(m, 60)
-    if h < 24:
-        return f"{h} h {m} m" if m else f"{h} h"
-    d, h = divmod(h, 24)
-    return f"{d} d {h} h" if h else f"{d} d"
 
 
 def _duration(seconds: int) -> str:

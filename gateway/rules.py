@@ -21,6 +21,7 @@ from typing import Literal
 from .calendar import RestDay
 from .clock import ClockState, Limits, Step, advance, lesson_deadline, step_deadline
 from .codes import STATUS, Rule
+from .durations import human_duration
 from .policy import Policy, Profile, Route, stage_of
 
 # The codes under their old names (codes.Rule is the one list).
@@ -272,7 +273,8 @@ def _precheck_times(t: _Trace, route: Route, student: Student, profile: Profile,
         if d is not None:
             return d
     else:
-        t.miss(CURFEW, lambda: f"outside the curfew {window()}; it starts in {int(to_start)}s")
+        t.miss(CURFEW, lambda: f"outside the curfew {window()}; "
+                               f"it starts in {human_duration(int(to_start))}")
     today, to_midnight = f.today, f.to_midnight - frac
     provisional = False
     if route.category == "subject":

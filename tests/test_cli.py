@@ -367,7 +367,7 @@ def test_explain_text(capsys: pytest.CaptureFixture[str]) -> None:
 ])
 def test_explain_durations_read_as_days_hours_minutes(seconds: int, text: str) -> None:
     """explain's text form gives durations in d/h/m/s, largest two units."""
-    from gateway.explain import human_duration
+    from gateway.durations import human_duration
     assert human_duration(seconds) == text
 
 
@@ -783,3 +783,13 @@ def test_serve_on_new_years_day_2027_denies_and_says_provisional(tmp_path: Path)
         proc.terminate()
         proc.wait(timeout=15)
     assert "PROVISIONAL rest days" in log.read_text()
+
+
+def test_explain_reasons_give_durations_in_hours_and_minutes(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The curfew reason says when the curfew starts in h/m, not in raw seconds."""
+    rc, out, _ = run(capsys, "explain", "--policy", str(DEFAULT_POLICY), "--path", SUBJECT,
+                     "--at", "2026-12-02T10:00", "--grade", "5", "--format", "json")
+    assert rc == 0
+    (curfew,) = [c for c in json.loads(out)["checked"] if c["rule"] == "curfew"]
+    assert curfew["why"].endswith("it starts in 13 h"), curfew["why"]
