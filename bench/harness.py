@@ -335,9 +335,9 @@ def tutorgate_executable() -> Path:
     return Path(override) if override else Path(sys.executable).parent / "tutorgate"
 
 
-def check_tutorgate() -> str | None:
+def check_tutorgate(exe: Path | None = None) -> str | None:
     """None if ``tutorgate --help`` works, else a one-line reason it does not."""
-    exe = tutorgate_executable()
+    exe = exe or tutorgate_executable()
     if not exe.exists():
         return f"{exe} not found (pip install -e . into this interpreter's venv)"
     try:
@@ -372,10 +372,11 @@ def write_policy(dest: Path, now: dt.datetime | None = None) -> tuple[str, str]:
 
 
 def gateway_argv(
-    policy: Path, upstream_url: str, port: int, admin_port: int, redis_url: str | None
+    policy: Path, upstream_url: str, port: int, admin_port: int, redis_url: str | None,
+    exe: Path | None = None,
 ) -> list[str]:
     argv = [
-        str(tutorgate_executable()),
+        str(exe or tutorgate_executable()),
         "serve",
         "--policy",
         str(policy),

@@ -12,6 +12,12 @@ switched on, zeroed, loaded with a fixed number of requests, and dumped:
 
     .venv/bin/python bench/instructions.py                  # ~4 min
     .venv/bin/python bench/instructions.py --lines bare,gw_lesson --requests 500
+    .venv/bin/python bench/instructions.py --lines gw_lesson@/tmp/old/.venv/bin/tutorgate,gw_lesson
+
+A line `key@/path/to/tutorgate` runs that gateway build instead of the one
+next to this interpreter, in the same run: the way to compare two builds
+(each build gets a process, and a Redis, of its own). `--repeats N` counts
+every line N times in turn and prints each count, which shows the noise.
 
 The load mirrors run.py's: 1000 students (round-robin here), 50 requests in
 flight. Needs `valgrind` (`apt-get install -y valgrind`) and `redis-server`.
@@ -23,10 +29,12 @@ import argparse
 import asyncio
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import harness
@@ -46,11 +54,33 @@ _TOTALS = re.compile(rb"^(?:totals|summary):\s+(\d+)", re.M)
 
 
 @dataclass(frozen=True)
+class Line:
+    """One line of the table: `key`, run by the gateway build `exe` (None:
+    the `tutorgate` next to this interpreter, or BENCH_TUTORGATE)."""
+
+    key: str
+    exe: Path | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Line:
+        key, _, exe = text.strip().partition("@")
+        if key not in LINE_KEYS:
+            raise BenchError(f"unknown line {key!r}; choose from {','.join(LINE_KEYS)}")
+        if exe and key == "bare":
+            raise BenchError("bare@...: the bare proxy is not a gateway build")
+        return cls(key, Path(exe) if exe else None)
+
+    @property
+    def label(self) -> str:
+        return LABELS[self.key] + (f" @{self.exe}" if self.exe else "")
+
+
+@dataclass(frozen=True)
 class Front:
-    """A process under callgrind and the lines it serves: key -> URL."""
+    """A process under callgrind and the lines it serves: line -> URL."""
 
     child: Child
-    lines: dict[str, str]
+    lines: dict[Line, str]
 
 
 def valgrind_argv(name: str, argv: list[str]) -> list[str]:
@@ -81,13 +111,14 @@ def control(pid: int, *args: str) -> None:
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
 
 
-def count(front: Front, key: str, args: argparse.Namespace) -> float:
+def count(front: Front, line: Line, args: argparse.Namespace) -> float:
     """Instructions per request of one line."""
-    url = front.lines[key]
+    url = front.lines[line]
     pid = front.child.pid
+    label = line.label
     bad = asyncio.run(drive(url, args.warmup, args.students, args.concurrency))
     if bad:
-        raise BenchError(f"{LABELS[key]}: {bad} of {args.warmup} warm-up answers were not 200")
+        raise BenchError(f"{label}: {bad} of {args.warmup} warm-up answers were not 200")
     before = set(OUT_DIR.glob(f"{front.child.name}.{pid}*"))
     control(pid, "--instr=on")
     control(pid, "--zero")
@@ -95,89 +126,109 @@ def count(front: Front, key: str, args: argparse.Namespace) -> float:
     control(pid, "--dump")
     control(pid, "--instr=off")
     if bad:
-        raise BenchError(f"{LABELS[key]}: {bad} of {args.requests} answers were not 200")
+        raise BenchError(f"{label}: {bad} of {args.requests} answers were not 200")
     dumps = sorted(set(OUT_DIR.glob(f"{front.child.name}.{pid}*")) - before,
                    key=lambda p: p.stat().st_mtime)
     if not dumps:
-        raise BenchError(f"{LABELS[key]}: callgrind wrote no dump")
+        raise BenchError(f"{label}: callgrind wrote no dump")
     found = _TOTALS.search(dumps[-1].read_bytes())
     if found is None:
         raise BenchError(f"{dumps[-1]}: no totals line")
     return int(found.group(1)) / args.requests
 
 
-def start_fronts(kids: Children, wanted: list[str], upstream: str) -> list[Front]:
+def start_fronts(kids: Children, wanted: list[Line], upstream: str) -> list[Front]:
     fronts: list[Front] = []
     policy = harness.RESULTS_DIR / "policy.yaml"
     harness.write_policy(policy)
-    if "bare" in wanted:
-        port = harness.free_port()
-        argv = harness.script_argv("bare_proxy.py", "--port", str(port), "--upstream", upstream)
-        child = kids.start("bare", valgrind_argv("bare", argv))
-        harness.wait_http(f"http://{HOST}:{port}/", child, want=200, timeout=180)
-        fronts.append(Front(child, {"bare": f"http://{HOST}:{port}{PASS_PATH}"}))
-    for name, keys, redis in (("gw-redis", ("gw_pass", "gw_lesson"), True),
-                              ("gw-memory", ("gw_lesson_mem",), False)):
-        keys = tuple(k for k in keys if k in wanted)
-        if not keys:
-            continue
-        redis_url = None
-        if redis:
-            _redis, redis_url = harness.start_redis(kids)
-        port, admin = harness.free_port(), harness.free_port()
-        argv = harness.gateway_argv(policy, upstream, port, admin, redis_url)
-        child = kids.start(name, valgrind_argv(name, argv), env=harness.gateway_env())
-        harness.wait_http(f"http://{HOST}:{admin}/readyz", child, want=200, timeout=300)
-        paths = {"gw_pass": PASS_PATH, "gw_lesson": LESSON_PATH, "gw_lesson_mem": LESSON_PATH}
-        fronts.append(Front(child, {k: f"http://{HOST}:{port}{paths[k]}" for k in keys}))
+    for line in wanted:
+        if line.key == "bare":
+            port = harness.free_port()
+            argv = harness.script_argv("bare_proxy.py", "--port", str(port),
+                                       "--upstream", upstream)
+            child = kids.start("bare", valgrind_argv("bare", argv))
+            harness.wait_http(f"http://{HOST}:{port}/", child, want=200, timeout=180)
+            fronts.append(Front(child, {line: f"http://{HOST}:{port}{PASS_PATH}"}))
+    builds = list(dict.fromkeys(line.exe for line in wanted if line.key != "bare"))
+    for n, exe in enumerate(builds):
+        for name, keys, redis in (("gw-redis", ("gw_pass", "gw_lesson"), True),
+                                  ("gw-memory", ("gw_lesson_mem",), False)):
+            lines = [ln for ln in wanted if ln.exe == exe and ln.key in keys]
+            if not lines:
+                continue
+            name = f"{name}-{n}"
+            redis_url = None
+            if redis:
+                _redis, redis_url = harness.start_redis(kids)
+            port, admin = harness.free_port(), harness.free_port()
+            argv = harness.gateway_argv(policy, upstream, port, admin, redis_url, exe)
+            child = kids.start(name, valgrind_argv(name, argv), env=harness.gateway_env())
+            harness.wait_http(f"http://{HOST}:{admin}/readyz", child, want=200, timeout=300)
+            paths = {"gw_pass": PASS_PATH, "gw_lesson": LESSON_PATH,
+                     "gw_lesson_mem": LESSON_PATH}
+            fronts.append(Front(child, {ln: f"http://{HOST}:{port}{paths[ln.key]}"
+                                        for ln in lines}))
     return fronts
 
 
 def run(args: argparse.Namespace) -> int:
-    wanted = [k.strip() for k in args.lines.split(",") if k.strip()]
-    unknown = [k for k in wanted if k not in LINE_KEYS]
-    if unknown:
-        raise BenchError(f"unknown line(s) {unknown}; choose from {','.join(LINE_KEYS)}")
+    wanted = list(dict.fromkeys(Line.parse(t) for t in args.lines.split(",") if t.strip()))
     for tool in ("valgrind", "callgrind_control", "redis-server"):
         if shutil.which(tool) is None:
             raise BenchError(f"{tool} is not on PATH")
-    problem = harness.check_tutorgate()
-    if problem:
-        raise BenchError(problem)
+    for exe in dict.fromkeys(line.exe for line in wanted if line.key != "bare"):
+        problem = harness.check_tutorgate(exe)
+        if problem:
+            raise BenchError(problem)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    results: dict[str, float] = {}
+    results: dict[Line, list[float]] = {}
     with Children() as kids:
         _upstream, upstream_url = harness.start_upstream(kids)
         print(f"starting {len(wanted)} line(s) under callgrind (slow) ...", flush=True)
-        for front in start_fronts(kids, wanted, upstream_url):
-            for key in front.lines:
-                t0 = time.monotonic()
-                results[key] = count(front, key, args)
-                print(f"  {LABELS[key]}: {results[key] / 1000:.0f}k instructions per request"
-                      f" ({time.monotonic() - t0:.0f} s)", flush=True)
-            kids.stop(front.child)
+        fronts = start_fronts(kids, wanted, upstream_url)
+        # Every front stays up; repeats go round the lines in turn, so a
+        # slow spell of the host does not land on one line's counts only.
+        for _ in range(args.repeats):
+            for front in fronts:
+                for line in front.lines:
+                    t0 = time.monotonic()
+                    # Every count warms up first: that starts (or continues)
+                    # every student's lesson, so a count never meets lessons
+                    # ended by quiet time while other lines were counted.
+                    got = count(front, line, args)
+                    results.setdefault(line, []).append(got)
+                    print(f"  {line.label}: {got / 1000:.1f}k instructions per request"
+                          f" ({time.monotonic() - t0:.0f} s)", flush=True)
     print()
-    print(f"{'line':32} {'k instr/req':>12} {'vs bare':>8}")
-    base = results.get("bare")
-    for key in LINE_KEYS:
-        if key in results:
-            ratio = f"{base / results[key]:.2f}x" if base else "-"
-            print(f"{LABELS[key]:32} {results[key] / 1000:12.0f} {ratio:>8}")
+    width = max(32, *(len(line.label) for line in results))
+    spread = " counts (k)" if args.repeats > 1 else ""
+    print(f"{'line':{width}} {'k instr/req':>12} {'vs bare':>8}{spread}")
+    medians = {line: statistics.median(got) for line, got in results.items()}
+    base = next((v for line, v in medians.items() if line.key == "bare"), None)
+    for line in sorted(medians, key=lambda ln: LINE_KEYS.index(ln.key)):
+        ratio = f"{base / medians[line]:.2f}x" if base else "-"
+        counts = " ".join(f"{v / 1000:.1f}" for v in results[line]) if spread else ""
+        print(f"{line.label:{width}} {medians[line] / 1000:12.1f} {ratio:>8} {counts}".rstrip())
     if base:
         print("(vs bare: bare's instructions / the line's, the req/s ratio a CPU-bound "
               "front would give)")
+    if args.repeats > 1:
+        print("(k instr/req: the median of the repeats)")
     return 0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lines", default=",".join(LINE_KEYS),
-                        help=f"a subset of {','.join(LINE_KEYS)}")
+                        help=f"a subset of {','.join(LINE_KEYS)}; key@/path/to/tutorgate "
+                             "runs another gateway build")
     parser.add_argument("--requests", type=int, default=2000, help="counted requests per line")
     parser.add_argument("--warmup", type=int, default=1500,
                         help="uncounted requests first (more than --students)")
     parser.add_argument("--students", type=int, default=1000, help="distinct student ids")
     parser.add_argument("--concurrency", type=int, default=50, help="requests in flight")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="counts per line, taken in turn (the table shows the median)")
     args = parser.parse_args()
     return harness.guarded("instructions", lambda: run(args))
 

@@ -92,7 +92,7 @@ class Authz:
             self._answers["pass"].inc()
             return web.Response(headers={**_PASS, logs.REQUEST_ID: logs.request_id()})
         # a check holds no connection: an upgrade is decided as a plain request
-        verdict = await enforcer.enforce(route, headers, lambda: request.cookies, False)
+        verdict = await enforcer.enforce(route, headers, request, False)
         decision, lesson = verdict.decision, verdict.lesson
         assert decision is not None
         if not decision.allowed:

@@ -1,6 +1,6 @@
 """Enforcement: who is asking, the rules, the lesson clock. No forwarding.
 
-`Enforcer.check(method, target, headers, cookies, websocket)` is the whole
+`Enforcer.check(method, target, headers, request, websocket)` is the whole
 decision for one request: identity -> precheck -> one clock step in the
 store -> finish -> observe (metrics, activity, audit, lesson reports). It
 returns a `Verdict`, the decision plus what forwarding needs; the proxy
@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -36,8 +37,19 @@ from .timesource import Clock
 log = logging.getLogger("tutorgate.proxy")
 _malformed = RateLimitedLog(log)
 
-Cookies = Callable[[], Mapping[str, str]]
 Headers = CIMultiDictProxy[str] | CIMultiDict[str]
+
+
+class Counted(Protocol):
+    def inc(self, amount: float = 1.0) -> None: ...
+
+
+class HasCookies(Protocol):
+    """Where a request's cookies are, read only if the identity needs them
+    (an aiohttp request parses its Cookie header on first use)."""
+
+    @property
+    def cookies(self) -> Mapping[str, str]: ...
 
 
 @dataclass
@@ -106,8 +118,11 @@ PASS = Verdict(None)
 _NO_COOKIES: dict[str, str] = {}
 
 
-def _no_cookies() -> Mapping[str, str]:
-    return _NO_COOKIES
+class _NoCookies:
+    cookies: Mapping[str, str] = _NO_COOKIES
+
+
+NO_COOKIES = _NoCookies()
 
 
 class Enforcer:
@@ -122,9 +137,16 @@ class Enforcer:
         self.activity = activity
         self.lessons = lessons
         self.on_event: AuditHook | None = None
+        self._counts: dict[tuple[str, str | None, str, str], Counted] = {}
 
     def count(self, decision: str, rule: str | None, category: str, region: str) -> None:
-        self.metrics.decisions.labels(decision, rule or "none", category, region).inc()
+        key = (decision, rule, category, region)
+        # the series, kept: labels() is one more call on every request
+        cell = self._counts.get(key)
+        if cell is None:
+            cell = self._counts[key] = self.metrics.decisions.labels(
+                decision, rule or "none", category, region)
+        cell.inc()
 
     def refuse_path(self, refused: Refused) -> rules.Decision:
         """bad_path: first in the decision table, on any route."""
@@ -136,17 +158,18 @@ class Enforcer:
         return rules.Decision(False, Rule.BAD_PATH)
 
     async def check(self, method: str, target: Target, headers: Headers,
-                    cookies: Cookies = _no_cookies, websocket: bool = False) -> Verdict:
+                    request: HasCookies = NO_COOKIES, websocket: bool = False) -> Verdict:
         """The decision on one request (`target` from paths.canonical). An
         allowed lesson step counts as activity, as a forwarded one would."""
         route = self.rt.policy.match(target.key)
         if route is None:
             return PASS
-        return await self.enforce(route, headers, cookies, websocket)
+        return await self.enforce(route, headers, request, websocket)
 
-    async def enforce(self, route: Route, headers: Headers, cookies: Cookies,
+    async def enforce(self, route: Route, headers: Headers, request: HasCookies,
                       ws: bool) -> Verdict:
-        """`check` on an enforced route the caller has matched already."""
+        """`check` on an enforced route the caller has matched already
+        (the request itself, not a closure over it: one allocation less)."""
         rt = self.rt
         policy = rt.policy
         ctx = logs.current.get()
@@ -154,7 +177,8 @@ class Enforcer:
             ctx.route = route.prefix
         if route.kind == "lesson":
             identify = rt.identify
-            student = identify(headers, cookies() if identify.uses_cookies else _NO_COOKIES)
+            student = identify(headers,
+                               request.cookies if identify.uses_cookies else _NO_COOKIES)
             if student.region is not None and not policy.knows_region(student.region):
                 self.metrics.unknown_region.inc()
             if ctx is not None:

@@ -62,10 +62,10 @@ class FastCounter(Collector):
         registry.register(self)
 
     def labels(self, *values: str) -> _Cell:
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name} takes labels {self.labelnames}")
         cell = self._cells.get(values)
-        if cell is None:
+        if cell is None:  # checked once per series, not on every call
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes labels {self.labelnames}")
             cell = self._cells[values] = _Cell()
         return cell
 
@@ -106,10 +106,10 @@ class FastHistogram(Collector):
         registry.register(self)
 
     def labels(self, *values: str) -> _Buckets:
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name} takes labels {self.labelnames}")
         series = self._series.get(values)
-        if series is None:
+        if series is None:  # checked once per series, not on every call
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes labels {self.labelnames}")
             series = self._series[values] = _Buckets(self.bounds)
         return series
 

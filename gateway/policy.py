@@ -18,6 +18,7 @@ import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
@@ -107,15 +108,17 @@ class Policy:
     def identity(self) -> IdentitySettings:
         return self.model.identity
 
-    @property
+    # Read on every request: cached on first use (a plain attribute then,
+    # not a call; the model is immutable).
+    @cached_property
     def locale(self) -> Locale:
         return self.model.locale
 
-    @property
+    @cached_property
     def fail_open(self) -> bool:
         return self.model.failure_mode == "fail_open"
 
-    @property
+    @cached_property
     def case_sensitive_paths(self) -> bool:
         return self.model.paths.case_sensitive
 

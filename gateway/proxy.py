@@ -24,7 +24,8 @@ class Proxy:
         self.forwarder = forwarder
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        logs.begin_request(request.headers.get(logs.REQUEST_ID))
+        headers = request.headers
+        logs.begin_request(headers.get(logs.REQUEST_ID))
         enforcer = self.enforcer
         policy = enforcer.rt.policy
         # One path for matching and forwarding; absolute-form targets lose
@@ -32,8 +33,7 @@ class Proxy:
         target = canonical(request.raw_path, policy.case_sensitive_paths)
         if isinstance(target, Refused):
             enforcer.refuse_path(target)
-            return denial(Rule.BAD_PATH, None, request.headers, policy.locale)
-        headers = request.headers
+            return denial(Rule.BAD_PATH, None, headers, policy.locale)
         ws = is_websocket(headers)
         # enforcer.check's route match, here: a pass-through costs no more
         route = policy.match(target.key)
@@ -41,7 +41,7 @@ class Proxy:
             if ws:
                 return await self.forwarder.websocket(request, target)
             return await self.forwarder.forward(request, target, "passthrough")
-        verdict = await enforcer.enforce(route, headers, lambda: request.cookies, ws)
+        verdict = await enforcer.enforce(route, headers, request, ws)
         decision = verdict.decision
         if decision is not None and not decision.allowed:
             return denial(decision.rule or Rule.STATE_UNAVAILABLE, decision.retry_after,

@@ -193,6 +193,10 @@ class ConnGuard:
 
 # ---------------------------------------------------------------- the protocol
 
+# aiohttp's own, called directly: super() builds an object per call
+_data_received = web_protocol.RequestHandler.data_received
+
+
 class GuardedHandler(web_protocol.RequestHandler):
     """aiohttp's connection protocol with a request-head deadline, a place
     under the connection cap, and rate-limited error logs."""
@@ -227,15 +231,19 @@ class GuardedHandler(web_protocol.RequestHandler):
             super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._head_deadline is None and data:
-            waiter = self._waiter
-            if waiter is not None and not waiter.done() and not self._messages:
-                # the first bytes of a keep-alive connection's next request
-                self._arm(self._loop.time() + self._guard.limits.header_timeout)
         count = self._request_count
-        super().data_received(data)
+        _data_received(self, data)
         if self._request_count != count:
             self._head_deadline = None  # a whole head arrived
+        elif self._head_deadline is None and data:
+            # No head completed, so the parser left the waiter and the
+            # messages as they were: idle before these bytes means they
+            # are the first of a keep-alive connection's next request.
+            # (Checked after parsing: a head that comes whole, the usual
+            # case, costs no clock reading and no timer work.)
+            waiter = self._waiter
+            if waiter is not None and not waiter.done() and not self._messages:
+                self._arm(self._loop.time() + self._guard.limits.header_timeout)
 
     def waiting(self) -> bool:
         """No request under way: its head not complete yet, or idle between

@@ -402,3 +402,27 @@ def test_identity_headers_sent_twice_are_malformed(name: str, first: str, second
     h.add(name, first)
     h.add(name.lower(), second)
     assert header_identity()(h, {}).problem == "malformed"
+
+
+@pytest.mark.parametrize("name", ["X-Student-Id", "X-Student-Grade", "X-Student-Region"])
+def test_header_sent_twice_is_malformed_after_the_same_student_was_remembered(
+        name: str) -> None:
+    """A remembered student sent again with one header twice (same value): malformed."""
+    ident = header_identity()
+    once = {"X-Student-Id": "s-1", "X-Student-Grade": "5", "X-Student-Region": "650000"}
+    assert ident(CIMultiDict(once), {}).key is not None
+    assert ident(CIMultiDict(once), {}).key is not None  # remembered
+    twice = CIMultiDict(once)
+    twice.add(name, once[name])
+    assert ident(twice, {}).problem == "malformed"
+
+
+def test_remembered_students_keep_grade_and_region_apart() -> None:
+    """The same value as a grade or as a region is two different answers, also when remembered."""
+    ident = header_identity()
+    as_grade = CIMultiDict({"X-Student-Id": "s-1", "X-Student-Grade": "5"})
+    as_region = CIMultiDict({"X-Student-Id": "s-1", "X-Student-Region": "5"})
+    for _ in range(2):
+        g, r = ident(as_grade, {}), ident(as_region, {})
+        assert (g.grade, g.region) == (5, None)
+        assert (r.grade, r.region) == (None, "5")

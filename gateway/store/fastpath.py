@@ -20,7 +20,7 @@ from typing import Any, cast
 from ..clock import ClockLimits, Step, quiet_end
 from ..redis import RedisClient
 from ..redis.node import Node
-from ..redis.resp import Script, bulk, bulks, noscript
+from ..redis.resp import Script, bulk, noscript
 from ..timesource import StoreClock
 
 log = logging.getLogger("tutorgate.store.redis")
@@ -36,7 +36,7 @@ class Known:
     """A lesson in progress as Redis last answered for it, the node that
     holds it, and its touch command without the time (packed once)."""
 
-    __slots__ = ("end", "head", "keys", "last", "limits", "node", "start", "start_s")
+    __slots__ = ("end", "head", "keys", "last", "limits", "node", "quiet", "start", "start_s")
 
     def __init__(self, start_s: str, start: float, last: float, limits: ClockLimits,
                  keys: str, node: Node, end: float) -> None:
@@ -44,6 +44,9 @@ class Known:
         self.limits, self.keys, self.node = limits, keys, node
         self.head = TOUCH.command(4, keys + bulk(start_s))
         self.end = end                                     # the lesson or the day's limit
+        # how long after its last activity the lesson ends by quiet time
+        # (clock.quiet_end's, read once, not a call per request), less the margin
+        self.quiet = quiet_end(0.0, limits) - FAST_MARGIN
 
 
 class Touches:
@@ -72,7 +75,10 @@ class Touches:
                 self.fast.drop(key, known)
                 if reply != 0:
                     self.failed = str(reply)
-        self._count()
+        # _count, inlined: this runs for about every request (one touch each)
+        self.seen += 1
+        if self.seen == len(self.items):
+            self._finish()
 
     def set_exception(self, exc: BaseException) -> None:
         # the connection died: every lesson re-syncs with Redis anyway
@@ -82,11 +88,14 @@ class Touches:
     def _count(self) -> None:
         self.seen += 1
         if self.seen == len(self.items):
-            if self.failed is not None:
-                log.warning("redis store: activity written behind was refused: %s", self.failed)
-            self.fast.client.report("touch", self.t0, self.failed is None)
-            self.fast.pending.discard(self)
-            self.finished.set_result(None)
+            self._finish()
+
+    def _finish(self) -> None:
+        if self.failed is not None:
+            log.warning("redis store: activity written behind was refused: %s", self.failed)
+        self.fast.client.report("touch", self.t0, self.failed is None)
+        self.fast.pending.discard(self)
+        self.finished.set_result(None)
 
 
 class FastPath:
@@ -153,8 +162,7 @@ class FastPath:
         if known is None or known.limits is not limits or not known.node.up:
             return None
         t = self.clock.now()
-        if t >= known.end - FAST_MARGIN or \
-                t >= quiet_end(known.last, known.limits) - FAST_MARGIN:
+        if t >= known.end - FAST_MARGIN or t - known.last >= known.quiet:
             return None
         if t > known.last:
             known.last = t
@@ -174,6 +182,15 @@ class FastPath:
     def flush(self) -> None:
         items = list(self._touching.items())
         self._touching.clear()
+        if not items:
+            return
+        first = items[0][1].node
+        for _, known in items:
+            if known.node is not first:
+                break
+        else:  # one node (any Redis but a cluster): no grouping to pay for
+            self.queue(items)
+            return
         by_node: dict[Node, list[tuple[str, Known]]] = {}
         for item in items:
             by_node.setdefault(item[1].node, []).append(item)
@@ -185,9 +202,11 @@ class FastPath:
         if self.closed or not node.up:
             return  # not written: the lessons re-sync through the script
         # with load, EVAL: it caches the script again
-        commands = [(TOUCH.command(4, known.keys + bulk(known.start_s), load=True) if load
-                     else known.head) + bulks((str(int(known.last * 1e6)),)).encode()
-                    for _, known in items]
+        commands = []
+        for _, known in items:
+            us = str(int(known.last * 1e6))  # digits: len() is the byte count (resp.bulk)
+            commands.append((TOUCH.command(4, known.keys + bulk(known.start_s), load=True)
+                             if load else known.head) + f"${len(us)}\r\n{us}\r\n".encode())
         waiter = Touches(self, items)
         self.pending.add(waiter)
         node.queue(commands, [cast(asyncio.Future[Any], waiter)] * len(items))
