@@ -157,6 +157,11 @@ async def test_killed_worker_is_replaced_and_counted(policy_file: Path, upstream
         assert before == 20
         victim = health(gw)["workers"][0]["pid"]
         os.kill(victim, signal.SIGKILL)
+        # Once its process is gone (a zombie until the supervisor reaps it),
+        # the kernel sends new connections to the survivor alone. Connections
+        # it had queued but not accepted die with it (SO_REUSEPORT), so wait
+        # for that before counting answers.
+        wait_until(lambda: _gone(victim), what="the killed worker's sockets closed")
         # the survivor holds the port alone meanwhile
         assert await lesson_requests(gw, 10) == [200] * 10
         wait_until(lambda: health(gw)["workers"][0]["pid"] not in (victim, None)
@@ -293,3 +298,12 @@ def test_taken_listen_port_exits_1(policy_file: Path, private_redis: Any, worker
             env={**os.environ, "TUTORGATE_ID_SECRET": "x"})
     assert done.returncode == 1
     assert "cannot listen" in done.stderr
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (gone, or a zombie: its sockets are closed)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rpartition(")")[2].split()[0] == "Z"
