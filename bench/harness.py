@@ -551,6 +551,20 @@ class RedisCluster:
         raise BenchError(f"{self.name}: no replica took over the slots of :{dead} "
                          f"within {within:.0f}s")
 
+    def promoted_at(self, port: int) -> float | None:
+        """When the node on ``port`` won its last failover election, by its own
+        log (ms resolution, this host's clock), or None if it never did."""
+        node = self.node(port)
+        if node.child is None:
+            return None
+        won = [line for line in node.child.log_tail(10_000).splitlines()
+               if "Failover election won" in line]
+        if not won:
+            return None
+        # "<pid>:S 01 Dec 2026 05:18:27.156 # Failover election won: ..."
+        stamp = " ".join(won[-1].split()[1:5])
+        return dt.datetime.strptime(stamp, "%d %b %Y %H:%M:%S.%f").timestamp()
+
     def wait_ok(self, within: float = 30.0) -> None:
         """Every live node says ok, every slot has a master, every replica is in sync."""
         deadline = time.monotonic() + within

@@ -37,7 +37,7 @@ LABELS = {
     "bare": "bare aiohttp proxy",
     "gw_pass": "gateway pass-through (redis)",
     "gw_lesson": "gateway enforced (redis)",
-    "gw_lesson_cluster": "gateway enforced (3-master cluster)",
+    "gw_lesson_cluster": "gateway enforced (cluster)",
     "gw_lesson_w2": "gateway enforced, 2 workers",
     "gw_pass_mem": "gateway pass-through (memory)",
     "gw_lesson_mem": "gateway enforced (memory)",

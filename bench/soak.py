@@ -561,9 +561,13 @@ class Faults:
         rec["start"] = time.time()
         os.kill(node.child.pid, signal.SIGKILL)
         node.child.proc.wait(5)
-        promoted, rec["recovered"] = await asyncio.to_thread(
-            cluster.wait_promoted, port, masters[port])
-        rec["promoted"] = promoted
+        promoted, seen = await asyncio.to_thread(cluster.wait_promoted, port, masters[port])
+        # The promotion is when the replica won its election (its log), not
+        # when our poll saw it: the poll lags by up to 50 ms plus a redis-cli
+        # run plus gossip, and the gateways may follow the new master sooner.
+        logged = await asyncio.to_thread(cluster.promoted_at, promoted)
+        rec["recovered"] = logged if logged is not None and logged <= seen else seen
+        rec["promoted"], rec["promotion_seen_after_s"] = promoted, round(seen - rec["recovered"], 3)
         rec["failover_s"] = rec["down_s"] = round(rec["recovered"] - rec["start"], 3)
         after = await self._clocks(promoted, [k.encode() for k in before])
         # What asynchronous replication lost: writes the master acknowledged

@@ -3,7 +3,10 @@
 Inputs are the upstream's JSONL log (bench/soak_upstream.py: what was SERVED),
 the fault timeline and the policy the run used (``run.json``, written by
 bench/soak.py). Nothing the gateways or the client say is trusted: a rule
-holds only if no request that reached the upstream breaks it.
+holds only if no request that reached the upstream breaks it. The one
+exception is what a denial cannot show upstream: on a cluster, the
+``state_unavailable`` answers the client met (in ``run.json``) must all be
+to students of a failing master, within the failover + 2 s.
 
     python bench/soak_check.py bench/results/soak-latest     # re-check a kept run
 
