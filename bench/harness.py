@@ -413,3 +413,178 @@ def redis_argv(port: int) -> list[str]:
 def script_argv(script: str, *args: str) -> list[str]:
     """Run one of the bench/*.py servers with the current interpreter."""
     return [sys.executable, str(BENCH_DIR / script), *args]
+
+
+# --------------------------------------------------------------------------- redis cluster
+
+
+def redis_cli(port: int, *args: str, timeout: float = 10.0) -> str:
+    """``redis-cli`` against 127.0.0.1:port; its output (errors included)."""
+    done = subprocess.run(["redis-cli", "-h", HOST, "-p", str(port), *args],
+                          capture_output=True, text=True, timeout=timeout, check=False)
+    return done.stdout + done.stderr
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too."""
+    while True:
+        port = free_port()
+        if port > 55535:
+            continue
+        with contextlib.suppress(OSError), socket.socket() as sock:
+            sock.bind((HOST, port + 10000))
+            return port
+
+
+@dataclass
+class ClusterNode:
+    port: int
+    data: Path
+    child: Child | None = None
+    starts: int = 0
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """One line of ``CLUSTER NODES`` as a live node sees the cluster."""
+
+    node_id: str
+    port: int
+    master: bool
+    failed: bool
+    master_id: str | None
+    slots: tuple[tuple[int, int], ...]
+
+
+class RedisCluster:
+    """3 masters and 3 replicas on loopback, children of ``kids``.
+
+    Each node keeps its data directory (nodes.conf, AOF), so a node killed and
+    started again on its port rejoins the cluster: as a replica when its
+    replica was promoted meanwhile.
+    """
+
+    def __init__(self, kids: Children, workdir: Path, name: str = "cluster", *,
+                 appendonly: bool = True, node_timeout_ms: int = 2000) -> None:
+        self.kids, self.name = kids, name
+        self.appendonly, self.node_timeout_ms = appendonly, node_timeout_ms
+        self.nodes: list[ClusterNode] = []
+        for _ in range(6):
+            port = cluster_port()
+            data = workdir / f"{name}-{port}"
+            data.mkdir(parents=True, exist_ok=True)
+            self.nodes.append(ClusterNode(port, data))
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"{HOST}:{n.port}" for n in self.nodes[:3])
+
+    def children(self) -> list[Child]:
+        return [n.child for n in self.nodes if n.child is not None and n.child.alive()]
+
+    def start(self) -> None:
+        """Start six empty nodes, join them (``redis-cli --cluster create``), wait until ok."""
+        for node in self.nodes:
+            self.start_node(node)
+        for node in self.nodes:
+            assert node.child is not None
+            wait_tcp(node.port, node.child)
+        out = redis_cli(self.nodes[0].port, "--cluster", "create",
+                        *[f"{HOST}:{n.port}" for n in self.nodes],
+                        "--cluster-replicas", "1", "--cluster-yes", timeout=60)
+        if "All 16384 slots covered" not in out:
+            raise BenchError(f"redis-cli --cluster create failed: {out[-500:]}")
+        self.wait_ok()
+
+    def start_node(self, node: ClusterNode) -> None:
+        node.starts += 1
+        node.child = self.kids.start(f"{self.name}-{node.port}-{node.starts}", [
+            "redis-server", "--port", str(node.port), "--bind", HOST, "--dir", str(node.data),
+            "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", str(self.node_timeout_ms),
+            "--cluster-require-full-coverage", "no", "--save", "",
+            "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec"])
+
+    def view(self) -> list[NodeView]:
+        """The cluster as the first live node that answers sees it."""
+        for node in self.nodes:
+            if node.child is None or not node.child.alive():
+                continue
+            out = redis_cli(node.port, "CLUSTER", "NODES", timeout=2)
+            if "myself" not in out:
+                continue
+            views = []
+            for line in out.splitlines():
+                f = line.split()
+                if len(f) < 8:
+                    continue
+                slots = []
+                for part in f[8:]:
+                    if part.startswith("["):  # a slot being migrated
+                        continue
+                    lo, _, hi = part.partition("-")
+                    slots.append((int(lo), int(hi or lo)))
+                flags = f[2].split(",")
+                views.append(NodeView(f[0], int(f[1].split("@")[0].rsplit(":", 1)[1]),
+                                      "master" in flags, "fail" in flags or "fail?" in flags,
+                                      None if f[3] == "-" else f[3], tuple(slots)))
+            return views
+        raise BenchError(f"{self.name}: no node answers CLUSTER NODES")
+
+    def masters(self) -> dict[int, tuple[tuple[int, int], ...]]:
+        """Port -> slot ranges of every master that holds slots and is not failed."""
+        return {v.port: v.slots for v in self.view() if v.master and v.slots and not v.failed}
+
+    def node(self, port: int) -> ClusterNode:
+        return next(n for n in self.nodes if n.port == port)
+
+    def wait_promoted(self, dead: int, slots: tuple[tuple[int, int], ...],
+                      within: float = 30.0) -> tuple[int, float]:
+        """Poll until a node other than ``dead`` is master of ``slots``: its
+        port and the time it was first seen so (every 50 ms)."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            with contextlib.suppress(BenchError, subprocess.TimeoutExpired):
+                for port, held in self.masters().items():
+                    if port != dead and set(slots) <= set(held):
+                        return port, time.time()
+            time.sleep(0.05)
+        raise BenchError(f"{self.name}: no replica took over the slots of :{dead} "
+                         f"within {within:.0f}s")
+
+    def promoted_at(self, port: int) -> float | None:
+        """When the node on ``port`` won its last failover election, by its own
+        log (ms resolution, this host's clock), or None if it never did."""
+        node = self.node(port)
+        if node.child is None:
+            return None
+        won = [line for line in node.child.log_tail(10_000).splitlines()
+               if "Failover election won" in line]
+        if not won:
+            return None
+        # "<pid>:S 01 Dec 2026 05:18:27.156 # Failover election won: ..."
+        stamp = " ".join(won[-1].split()[1:5])
+        return dt.datetime.strptime(stamp, "%d %b %Y %H:%M:%S.%f").timestamp()
+
+    def wait_ok(self, within: float = 30.0) -> None:
+        """Every live node says ok, every slot has a master, every replica is in sync."""
+        deadline = time.monotonic() + within
+        state = "not checked"
+        while time.monotonic() < deadline:
+            live = [n for n in self.nodes if n.child is not None and n.child.alive()]
+            infos = [redis_cli(n.port, "CLUSTER", "INFO", timeout=2) for n in live]
+            repl = [redis_cli(n.port, "INFO", "replication", timeout=2) for n in live]
+            covered = sum(hi - lo + 1 for ranges in self._masters_or_empty().values()
+                          for lo, hi in ranges)
+            synced = all("role:master" in r or "master_link_status:up" in r for r in repl)
+            if all("cluster_state:ok" in i for i in infos) and covered == 16384 and synced:
+                return
+            state = f"slots covered {covered}, replicas in sync {synced}"
+            time.sleep(0.1)
+        raise BenchError(f"{self.name}: not ok after {within:.0f}s ({state})")
+
+    def _masters_or_empty(self) -> dict[int, tuple[tuple[int, int], ...]]:
+        try:
+            return self.masters()
+        except (BenchError, subprocess.TimeoutExpired):
+            return {}

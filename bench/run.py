@@ -30,13 +30,14 @@ import aiohttp
 import harness
 from harness import HOST, BenchError, Child, Children
 
-LINE_KEYS = ("direct", "bare", "gw_pass", "gw_lesson", "gw_lesson_w2", "gw_pass_mem",
-             "gw_lesson_mem", "nginx", "nginx_authz", "nginx_pass")
+LINE_KEYS = ("direct", "bare", "gw_pass", "gw_lesson", "gw_lesson_cluster", "gw_lesson_w2",
+             "gw_pass_mem", "gw_lesson_mem", "nginx", "nginx_authz", "nginx_pass")
 LABELS = {
     "direct": "direct upstream",
     "bare": "bare aiohttp proxy",
     "gw_pass": "gateway pass-through (redis)",
     "gw_lesson": "gateway enforced (redis)",
+    "gw_lesson_cluster": "gateway enforced (cluster)",
     "gw_lesson_w2": "gateway enforced, 2 workers",
     "gw_pass_mem": "gateway pass-through (memory)",
     "gw_lesson_mem": "gateway enforced (memory)",
@@ -47,6 +48,9 @@ LABELS = {
 # The decision service (issue 14): (line, baseline) -> the issue's target ratio.
 PAIR_TARGETS = {("nginx_authz", "nginx"): 0.35, ("nginx_authz", "gw_lesson"): 1.5,
                 ("nginx_pass", "nginx"): 0.95}
+# Compared round by round, no target (issue 12: CPU per enforced request on one
+# server and on a 3-master cluster, same run).
+PAIRS = (("gw_lesson_cluster", "gw_lesson"),)
 NGINX_ALONE = """upstream app {{ server {app}; keepalive 64; }}
 server {{
     listen {port};
@@ -54,7 +58,8 @@ server {{
                  proxy_set_header Connection ""; }}
 }}
 """
-RATIO_ORDER = ("gw_lesson", "gw_lesson_w2", "gw_pass", "gw_lesson_mem", "gw_pass_mem", "direct")
+RATIO_ORDER = ("gw_lesson", "gw_lesson_cluster", "gw_lesson_w2", "gw_pass", "gw_lesson_mem",
+               "gw_pass_mem", "direct")
 TARGETS = {"gw_lesson": 0.80, "gw_pass": 0.95}  # the issue's: req/s of the line / bare proxy
 PASS_PATH = "/static/x"  # no policy route matches it
 LESSON_PATH = "/classroom/arts/x"  # a lesson route (non_subject)
@@ -111,6 +116,7 @@ class Target:
     front: Child
     redis: Child | None = None
     problems: tuple[str, ...] = ()  # found by the preflight request
+    more_redis: tuple[Child, ...] = ()  # a cluster's other nodes, charged to "redis" too
 
 
 # --------------------------------------------------------------------------- wrk
@@ -173,9 +179,17 @@ def measure(target: Target, settings: Settings, upstream: Child) -> Line:
     watched = {"front": target.front, "upstream": upstream}
     if target.redis is not None:
         watched["redis"] = target.redis
-    before = {name: harness.cpu_seconds(child.pid) for name, child in watched.items()}
+    for index, node in enumerate(target.more_redis):
+        watched[f"redis{index}"] = node
+
+    def cpu() -> dict[str, float]:
+        seconds = {name: harness.cpu_seconds(child.pid) for name, child in watched.items()}
+        seconds["redis"] = sum(v for k, v in seconds.items() if k.startswith("redis"))
+        return seconds
+
+    before = cpu()
     output = wrk(target.url, settings, settings.duration)
-    after = {name: harness.cpu_seconds(child.pid) for name, child in watched.items()}
+    after = cpu()
     result = parse_wrk(output)
 
     def per_request(name: str) -> float | None:
@@ -203,7 +217,8 @@ def measure(target: Target, settings: Settings, upstream: Child) -> Line:
         share = 100.0 * result.non_2xx / max(result.requests, 1)
         what = (
             "INVALID enforced run: requests were not allowed"
-            if target.key in ("gw_lesson", "gw_lesson_w2", "gw_lesson_mem", "nginx_authz")
+            if target.key in ("gw_lesson", "gw_lesson_cluster", "gw_lesson_w2", "gw_lesson_mem",
+                              "nginx_authz")
             else "errors from the proxy or the upstream"
         )
         line.warnings.append(
@@ -308,6 +323,8 @@ class Servers:
             self._try("bare proxy", self._bare)
         if "gw_pass" in self.wanted or "gw_lesson" in self.wanted:
             self._try("gateway with redis", self._gateway_redis)
+        if "gw_lesson_cluster" in self.wanted:
+            self._try("gateway on a redis cluster", self._gateway_cluster)
         if "gw_lesson_w2" in self.wanted:
             self._try("gateway with 2 workers", self._gateway_workers)
         if "gw_pass_mem" in self.wanted or "gw_lesson_mem" in self.wanted:
@@ -422,6 +439,18 @@ class Servers:
         url = base + LESSON_PATH
         self.targets.append(Target("gw_lesson_w2", url, gateway, redis, preflight(url, True)))
 
+    def _gateway_cluster(self) -> None:
+        """One gateway on a local 3-master, 3-replica cluster (AOF off, as the
+        single server's). CPU of all six nodes is charged to "redis"."""
+        cluster = harness.RedisCluster(self.kids, harness.LOG_DIR / "cluster", "bench-cluster",
+                                       appendonly=False)
+        cluster.start()
+        gateway, base, _admin = self._gateway("gateway-cluster", cluster.url)
+        url = base + LESSON_PATH
+        nodes = cluster.children()
+        self.targets.append(Target("gw_lesson_cluster", url, gateway, nodes[0],
+                                   preflight(url, True), tuple(nodes[1:])))
+
     def _gateway_memory(self) -> None:
         gateway, base, _admin = self._gateway("gateway-memory", None)
         self._add_gateway_lines(gateway, base, None, ("gw_pass_mem", "gw_lesson_mem"))
@@ -507,6 +536,26 @@ def pair_ratios(per_round: Sequence[Sequence[Line]]) -> dict[str, dict[str, obje
         out[f"{key}/{base}"] = {"ratio": round(ratio, 3), "target": target,
                                 "verdict": "PASS" if ratio >= target else "MISS",
                                 "per_round": [round(r, 3) for r in rounds]}
+    return out
+
+
+def plain_pairs(per_round: Sequence[Sequence[Line]]) -> dict[str, dict[str, object]]:
+    """PAIRS: medians over rounds of each round's req/s ratio and front CPU
+    ratio (the baseline's CPU per request over the line's: < 1 costs more)."""
+    out: dict[str, dict[str, object]] = {}
+    for key, base in PAIRS:
+        both = [(mine, other) for round_lines in per_round for mine in round_lines
+                if mine.key == key for other in round_lines if other.key == base]
+        if not both:
+            continue
+        rps = [m.rps / o.rps for m, o in both if o.rps > 0]
+        cpu = [o.front_cpu_us / m.front_cpu_us for m, o in both
+               if m.front_cpu_us and o.front_cpu_us]
+        entry: dict[str, object] = {"ratio": round(statistics.median(rps), 3),
+                                    "per_round": [round(r, 3) for r in rps]}
+        if cpu:
+            entry["cpu_ratio"] = round(statistics.median(cpu), 3)
+        out[f"{key}/{base}"] = entry
     return out
 
 
@@ -621,6 +670,8 @@ def check_tools(wanted: Sequence[str]) -> str | None:
             return f"gateway unavailable: {reason}\n(--lines direct,bare measures the baselines)"
         if {"gw_pass", "gw_lesson"} & set(wanted) and shutil.which("redis-server") is None:
             return "redis-server not found"
+        if "gw_lesson_cluster" in wanted and shutil.which("redis-cli") is None:
+            return "redis-cli not found (it creates the cluster)"
     return None
 
 
@@ -682,6 +733,7 @@ def run(settings: Settings, wanted: Sequence[str]) -> int:
     lines = [combine([line for r in per_round for line in r if line.key == key]) for key in keys]
     table_ratios = ratios(lines, per_round)
     table_ratios.update(pair_ratios(per_round))
+    table_ratios.update(plain_pairs(per_round))
     record["lines"] = [asdict(line) for line in lines]
     if settings.rounds > 1:
         record["rounds"] = [[asdict(line) for line in r] for r in per_round]

@@ -3,6 +3,7 @@ and a checker that proves the rules from what the upstream served.
 
     .venv/bin/python bench/soak.py                       # 2,000 students, 240 s, 12 faults
     .venv/bin/python bench/soak.py --students 300 --duration 60 --faults 5 --seed 3
+    .venv/bin/python bench/soak.py --cluster             # the same on a Redis Cluster
 
 Two ``tutorgate serve --redis`` processes share one redis-server (AOF,
 ``appendfsync everysec``) in front of bench/soak_upstream.py, which logs every
@@ -12,7 +13,17 @@ region whose subject classes have a rest day today) through either gateway at
 random, while faults are injected one after another: Redis SIGKILL + restart,
 Redis SIGSTOP + SIGCONT, gateway SIGKILL + restart, a broken policy push and a
 burst of hostile requests. Then bench/soak_check.py checks the upstream log
-against the policy and the fault timeline. Exit status: 0 no violation, 1
+against the policy and the fault timeline.
+
+``--cluster`` puts both gateways on a 3-master, 3-replica Redis Cluster
+(``redis+cluster://``, AOF on every node, ``cluster-node-timeout 2000``,
+``cluster-require-full-coverage no``) and swaps the Redis SIGKILL + restart for
+``cluster_master_kill``: one master SIGKILLed, its replica promoted, the
+killed node started again to rejoin as a replica. ``redis_stop`` stops one
+master, shorter than the node timeout (a stall, not a failover). The client
+logs every ``state_unavailable`` denial, and the checker proves that only the
+students whose slot the failing master held were denied, and for no longer
+than the failover + 2 s. Exit status: 0 no violation, 1
 violations, 2 the soak could not run. Results: bench/results/soak-latest/
 (``run.json``, ``upstream.jsonl``, ``result.json``, server logs).
 """
@@ -44,9 +55,18 @@ import harness
 import soak_check
 from harness import HOST, POLICY_TZ, BenchError, Child, Children
 
+from gateway.fleet import push_policy
+
 REST_REGION = "990000"  # its subject classes have a rest day today (extra_holidays)
 OTHER_REGION = "110000"  # not in the policy: the base rules
 KINDS = ("redis_kill", "redis_stop", "gateway_kill", "policy_broken", "hostile_burst")
+# A cluster's Redis fault is a master's crash and failover; a whole-store
+# SIGKILL + restart has no meaning there (the killed master is restarted too).
+CLUSTER_KINDS = ("cluster_master_kill", "redis_stop", "gateway_kill", "policy_broken",
+                 "hostile_burst")
+# A cluster master's SIGSTOP stays under cluster-node-timeout (2 s): a stall the
+# gateways must ride out, not a failover (cluster_master_kill is that).
+CLUSTER_STOP_S = (1.0, 1.5)
 ROUTES = [
     {"prefix": "/classroom/subject/", "kind": "lesson", "category": "subject"},
     {"prefix": "/classroom/arts/", "kind": "lesson", "category": "non_subject"},
@@ -124,10 +144,18 @@ class Stack:
     gateways: list[Gateway]
     redis: Child | None = None
     redis_starts: int = 0
+    cluster: harness.RedisCluster | None = None
 
     @property
     def redis_url(self) -> str:
+        if self.cluster is not None:
+            return self.cluster.url
         return f"redis://{HOST}:{self.redis_port}/0"
+
+    def redis_children(self) -> list[Child]:
+        if self.cluster is not None:
+            return self.cluster.children()
+        return [self.redis] if self.redis is not None else []
 
     def start_redis(self) -> None:
         self.redis_starts += 1
@@ -185,6 +213,8 @@ class Stats:
     client_errors: int = 0
     ws_opened: int = 0
     ws_close_codes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    # every state_unavailable the client met: (time, student id, gateway, how)
+    unavailable: list[tuple[float, str, str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -222,8 +252,10 @@ class Driver:
             try:
                 async with self.session.get(gw.base + path, headers=st.headers(),
                                             timeout=REQUEST_TIMEOUT) as r:
-                    await r.read()
+                    body = await r.read()
                     self.stats.by_status[str(r.status)] += 1
+                    if r.status == 503 and b'"state_unavailable"' in body:
+                        self.stats.unavailable.append((time.time(), st.sid, gw.via, "http"))
                     retry = r.headers.get("Retry-After")
                     return r.status, float(retry) if retry else None
             except (aiohttp.ClientError, TimeoutError):
@@ -285,6 +317,9 @@ class Driver:
                             continue
                         if msg.type == aiohttp.WSMsgType.CLOSE:
                             code = f"{msg.data} {msg.extra}"  # the gateway's cut and rule
+                            if msg.extra == "state_unavailable":
+                                self.stats.unavailable.append((time.time(), st.sid, gw.via,
+                                                               "ws_cut"))
                             break
                         if msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING,
                                         aiohttp.WSMsgType.ERROR):
@@ -294,6 +329,8 @@ class Driver:
                     self.stats.ws_close_codes[str(code)] += 1
         except aiohttp.WSServerHandshakeError as e:
             self.stats.by_status[f"ws-{e.status}"] += 1
+            if e.status == 503:  # the contract's only 503 denial is state_unavailable
+                self.stats.unavailable.append((time.time(), st.sid, gw.via, "ws_handshake"))
         except (aiohttp.ClientError, TimeoutError):
             self.stats.client_errors += 1
 
@@ -413,7 +450,7 @@ class Faults:
         n = self.args.faults
         kinds: list[str] = []
         while len(kinds) < n:
-            batch = list(KINDS)
+            batch = list(CLUSTER_KINDS if self.stack.cluster is not None else KINDS)
             self.rng.shuffle(batch)
             kinds += batch
         first, last = t0 + self.args.warmup, t0 + self.args.duration - self.args.tail
@@ -434,11 +471,14 @@ class Faults:
             print(f"  {time.time() - t0:6.1f}s fault {kind}: "
                   + ", ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
 
-    async def _clocks(self) -> dict[str, tuple[float, float]]:
-        """Every student's clock (lesson start, last activity) as Redis holds it now."""
-        r = aioredis.Redis(host=HOST, port=self.stack.redis_port, socket_timeout=3)
+    async def _clocks(self, port: int | None = None, keys: list[bytes] | None = None
+                      ) -> dict[str, tuple[float, float]]:
+        """Every student's clock (lesson start, last activity) as the Redis on
+        ``port`` holds it now (``keys``: only these, those it has)."""
+        r = aioredis.Redis(host=HOST, port=port or self.stack.redis_port, socket_timeout=3)
         try:
-            keys = [k async for k in r.scan_iter(match="tutorgate:*:clock", count=1000)]
+            if keys is None:
+                keys = [k async for k in r.scan_iter(match="tutorgate:*:clock", count=1000)]
             pipe = r.pipeline(transaction=False)
             for k in keys:
                 pipe.hmget(k, "start", "last")
@@ -446,7 +486,20 @@ class Faults:
         finally:
             await r.aclose()
         return {k.decode(): (float(v[0] or 0), float(v[1] or 0))
-                for k, v in zip(keys, values, strict=True)}
+                for k, v in zip(keys, values, strict=True) if v != [None, None]}
+
+    @staticmethod
+    def _loss(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+              ) -> dict[str, Any]:
+        """What a restart or failover lost: clocks gone, lesson starts rolled
+        back, activity (``last``) rolled back and by how much."""
+        missing = [k for k in before if k not in after]
+        starts = [k for k, (start, _) in before.items() if k in after and after[k][0] < start]
+        lasts = [before[k][1] - after[k][1] for k in before
+                 if k in after and after[k][1] < before[k][1]]
+        return {"clocks": len(before), "clocks_missing": len(missing),
+                "lesson_starts_lost": len(starts), "activity_lost": len(lasts),
+                "activity_lost_max_s": round(max(lasts, default=0.0), 3)}
 
     async def redis_kill(self, rec: dict[str, Any]) -> None:
         before = await self._clocks()
@@ -465,28 +518,69 @@ class Faults:
         # What the AOF (fsync every second) lost: writes acknowledged before the
         # snapshot that the restarted server does not have. Writes between the
         # snapshot and the kill are not seen here (snapshot_to_kill_s says how long).
-        missing = [k for k in before if k not in after]
-        starts = [k for k, (start, _) in before.items() if k in after and after[k][0] < start]
-        lasts = [before[k][1] - after[k][1] for k in before
-                 if k in after and after[k][1] < before[k][1]]
-        loss = {"at": rec["start"], "clocks": len(before), "clocks_missing": len(missing),
-                "lesson_starts_lost": len(starts), "activity_lost": len(lasts),
-                "activity_lost_max_s": round(max(lasts, default=0.0), 3),
+        loss = {"at": rec["start"], **self._loss(before, after),
                 "snapshot_to_kill_s": round(rec["start"] - snapped, 3)}
         self.aof.append(loss)
         rec["aof_loss"] = {k: v for k, v in loss.items() if k != "at"}
 
     async def redis_stop(self, rec: dict[str, Any]) -> None:
-        assert self.stack.redis is not None
-        pid = self.stack.redis.pid
+        pause = (1.0, 2.5)
+        if self.stack.cluster is not None:
+            cluster = self.stack.cluster
+            masters = await asyncio.to_thread(cluster.masters)
+            port = self.rng.choice(sorted(masters))
+            child = cluster.node(port).child
+            assert child is not None
+            pid, pause = child.pid, CLUSTER_STOP_S
+            rec["node"], rec["slots"] = port, masters[port]
+        else:
+            assert self.stack.redis is not None
+            pid = self.stack.redis.pid
         rec["start"] = time.time()
         os.kill(pid, signal.SIGSTOP)
         try:
-            await asyncio.sleep(self.rng.uniform(1.0, 2.5))
+            await asyncio.sleep(self.rng.uniform(*pause))
         finally:
             os.kill(pid, signal.SIGCONT)
             rec["recovered"] = time.time()
         rec["down_s"] = round(rec["recovered"] - rec["start"], 3)
+
+    async def cluster_master_kill(self, rec: dict[str, Any]) -> None:
+        """SIGKILL one master; its replica is promoted (the store is "down" for
+        its students until then); start the node again and wait until it has
+        rejoined as a replica in sync, so the next kill finds a replica too."""
+        cluster = self.stack.cluster
+        assert cluster is not None
+        masters = await asyncio.to_thread(cluster.masters)
+        port = self.rng.choice(sorted(masters))
+        node = cluster.node(port)
+        assert node.child is not None
+        before = await self._clocks(port)
+        snapped = time.time()
+        rec["node"], rec["slots"] = port, masters[port]
+        rec["start"] = time.time()
+        os.kill(node.child.pid, signal.SIGKILL)
+        node.child.proc.wait(5)
+        promoted, seen = await asyncio.to_thread(cluster.wait_promoted, port, masters[port])
+        # The promotion is when the replica won its election (its log), not
+        # when our poll saw it: the poll lags by up to 50 ms plus a redis-cli
+        # run plus gossip, and the gateways may follow the new master sooner.
+        logged = await asyncio.to_thread(cluster.promoted_at, promoted)
+        rec["recovered"] = logged if logged is not None and logged <= seen else seen
+        rec["promoted"], rec["promotion_seen_after_s"] = promoted, round(seen - rec["recovered"], 3)
+        rec["failover_s"] = rec["down_s"] = round(rec["recovered"] - rec["start"], 3)
+        after = await self._clocks(promoted, [k.encode() for k in before])
+        # What asynchronous replication lost: writes the master acknowledged
+        # that its replica did not have when it took over (a lower bound:
+        # writes between the snapshot and the kill are not seen).
+        loss = {"at": rec["start"], **self._loss(before, after),
+                "snapshot_to_kill_s": round(rec["start"] - snapped, 3)}
+        self.aof.append(loss)
+        rec["replica_loss"] = {k: v for k, v in loss.items() if k != "at"}
+        cluster.start_node(node)
+        await asyncio.to_thread(cluster.wait_ok, 60.0)
+        rec["rejoined_s"] = round(time.time() - rec["start"], 3)
+        rec["rejoined_as_replica"] = port not in await asyncio.to_thread(cluster.masters)
 
     async def gateway_kill(self, rec: dict[str, Any]) -> None:
         gw = self.rng.choice(self.stack.gateways)
@@ -513,14 +607,9 @@ class Faults:
         rec["variant"] = variant
         rec["push_cli_exit"] = await _run(harness.tutorgate_executable(), "policy", "push",
                                           str(bad), "--redis", self.stack.redis_url)
-        # the CLI refuses it; a careless tool could still write it: straight into Redis
-        r = aioredis.Redis(host=HOST, port=self.stack.redis_port, socket_timeout=3)
-        try:
-            now = repr(time.time())
-            await r.hset("tutorgate:policy", mapping={"text": text, "pushed_at": now})
-            rec["heard_by"] = int(await r.publish("tutorgate:policy", now))
-        finally:
-            await r.aclose()
+        # the CLI refuses it; a careless tool could still write it: straight
+        # into Redis (push_policy stores and announces without validating)
+        rec["heard_by"] = await push_policy(self.stack.redis_url, text)
         await asyncio.sleep(1.5)
         after = await self._reload_failures()
         rec["reload_failures_counted"] = {k: after.get(k, 0) - before.get(k, 0) for k in after}
@@ -583,10 +672,10 @@ def own_rss() -> int:
 async def sample_memory(stack: Stack, peaks: dict[str, int], stop: asyncio.Event) -> None:
     while not stop.is_set():
         pids = {gw.name: gw.child.pid for gw in stack.gateways if gw.child is not None}
-        if stack.redis is not None:
-            pids["redis"] = stack.redis.pid
         for name, pid in pids.items():
             peaks[name] = max(peaks.get(name, 0), harness.rss_bytes(pid))
+        redis = sum(harness.rss_bytes(c.pid) for c in stack.redis_children())
+        peaks["redis"] = max(peaks.get("redis", 0), redis)  # all nodes, on a cluster
         peaks["client"] = max(peaks.get("client", 0), own_rss())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 1.0)
@@ -597,6 +686,27 @@ async def sample_memory(stack: Stack, peaks: dict[str, int], stop: asyncio.Event
 
 def local_hms(t: float) -> str:
     return dt.datetime.fromtimestamp(t, POLICY_TZ).strftime("%H:%M:%S")
+
+
+async def check_slot_mapping(stack: Stack, session: aiohttp.ClientSession) -> None:
+    """One lesson request, then its clock must be on the master the checker
+    computes for the student (pseudonym -> hash tag -> slot): the checker's
+    mirror of the key layout is proven before the run, not assumed."""
+    assert stack.cluster is not None
+    sid = "soak-probe"
+    async with session.get(stack.gateways[0].base + "/classroom/arts/probe",
+                           headers={"X-Student-Id": sid}, timeout=REQUEST_TIMEOUT) as r:
+        if r.status != 200:
+            raise BenchError(f"probe request answered {r.status}: {await r.text()}")
+    pseudonym = soak_check.pseudonym(stack.env["TUTORGATE_ID_SECRET"], sid)
+    slot = soak_check.slot_of(pseudonym)
+    masters = await asyncio.to_thread(stack.cluster.masters)
+    port = next(p for p, ranges in masters.items() if soak_check.in_ranges(slot, ranges))
+    key = f"tutorgate:{{{pseudonym}}}:clock"
+    got = await asyncio.to_thread(harness.redis_cli, port, "EXISTS", key)
+    if got.strip() != "1":
+        raise BenchError(f"the checker's key layout is wrong: {key} (slot {slot}) is not on "
+                         f":{port} ({got.strip()})")
 
 
 async def soak(args: argparse.Namespace, kids: Children, run_dir: Path) -> dict[str, Any]:
@@ -618,8 +728,12 @@ async def soak(args: argparse.Namespace, kids: Children, run_dir: Path) -> dict[
     stack = Stack(kids, run_dir, policy_path, f"http://{HOST}:{up_port}", harness.free_port(),
                   harness.gateway_env(),
                   [Gateway(n, harness.free_port(), harness.free_port()) for n in ("gw-a", "gw-b")])
-    stack.start_redis()
-    await wait_redis(stack.redis_port)
+    if args.cluster:
+        stack.cluster = harness.RedisCluster(kids, run_dir, "soak-cluster")
+        await asyncio.to_thread(stack.cluster.start)
+    else:
+        stack.start_redis()
+        await wait_redis(stack.redis_port)
 
     connector = aiohttp.TCPConnector(limit=400, limit_per_host=0)
     async with aiohttp.ClientSession(connector=connector,
@@ -628,6 +742,8 @@ async def soak(args: argparse.Namespace, kids: Children, run_dir: Path) -> dict[
             stack.start_gateway(gw)
         for gw in stack.gateways:
             await wait_healthy(session, gw)
+        if stack.cluster is not None:
+            await check_slot_mapping(stack, session)
         t0 = time.time()
         ends_at = t0 + args.duration
         print(f"soak: {args.students} students, {args.duration:.0f} s, {args.faults} faults, "
@@ -673,7 +789,11 @@ async def soak(args: argparse.Namespace, kids: Children, run_dir: Path) -> dict[
                    "by_status": dict(driver.stats.by_status),
                    "client_errors": driver.stats.client_errors,
                    "ws_opened": driver.stats.ws_opened,
-                   "ws_close_codes": dict(driver.stats.ws_close_codes)},
+                   "ws_close_codes": dict(driver.stats.ws_close_codes),
+                   "unavailable": driver.stats.unavailable},
+        "topology": "cluster" if stack.cluster is not None else "single",
+        # a throwaway secret of this run: the checker maps students to slots with it
+        "id_secret": stack.env["TUTORGATE_ID_SECRET"],
         "rss_peak_mib": {k: round(v / 2**20, 1) for k, v in sorted(peaks.items())},
     }
     (run_dir / "run.json").write_text(json.dumps(run, indent=2, default=str))
@@ -700,7 +820,16 @@ def report(run: dict[str, Any], result: dict[str, Any]) -> None:
     print(f"served lesson requests after a store fault began, latest: "
           f"{fig['served_after_store_fault_max_s']} s (tolerance {soak_check.FAIL_TOL} s)")
     print(f"RSS peaks (MiB): {run['rss_peak_mib']}")
-    print(f"AOF (everysec) on Redis SIGKILL: {run['aof']}")
+    if run["topology"] == "cluster":
+        print(f"replica loss at each master kill: {run['aof']}")
+        print(f"state_unavailable denials met by the client: "
+              f"{fig['state_unavailable_denials']}; latest after its fault began, per kind "
+              f"(s): {fig['longest_denial_after_fault_s']}")
+        print(f"master kills (failover = kill -> replica promoted): {fig['master_kills']}")
+        print(f"students of live masters denied: "
+              f"{result['violations'].get('denied_on_live_master', 0)}")
+    else:
+        print(f"AOF (everysec) on Redis SIGKILL: {run['aof']}")
     print(f"violations: {result['violations_total']} {result['violations']}")
     for kind, examples in result["examples"].items():
         print(f"  {kind}: e.g. {json.dumps(examples[:2])}")
@@ -720,10 +849,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    metavar=("MIN", "MAX"), help="seconds between a student's sessions")
     p.add_argument("--warmup", type=float, default=10.0, help="no fault before S s")
     p.add_argument("--tail", type=float, default=15.0, help="no fault in the last S s")
-    p.add_argument("--out", type=Path, default=harness.RESULTS_DIR / "soak-latest")
+    p.add_argument("--cluster", action="store_true",
+                   help="a 3-master, 3-replica Redis Cluster instead of one server")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results directory (bench/results/soak-latest, or soak-cluster-latest)")
     a = p.parse_args(argv)
     if a.students < 1 or a.duration < a.warmup + a.tail + 5 or a.faults < 0:
         p.error("need --students >= 1, --faults >= 0 and --duration > warmup + tail + 5")
+    if a.out is None:
+        a.out = harness.RESULTS_DIR / ("soak-cluster-latest" if a.cluster else "soak-latest")
     return a
 
 
@@ -732,9 +866,10 @@ def main(argv: list[str]) -> int:
     if (why := harness.check_tutorgate()) is not None:
         print(f"soak: {why}", file=sys.stderr)
         return 2
-    if shutil.which("redis-server") is None:
-        print("soak: redis-server not on PATH", file=sys.stderr)
-        return 2
+    for tool in ("redis-server", "redis-cli"):
+        if shutil.which(tool) is None:
+            print(f"soak: {tool} not on PATH", file=sys.stderr)
+            return 2
     run_dir: Path = args.out
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
@@ -751,7 +886,8 @@ def main(argv: list[str]) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     result = soak_check.check(soak_check.read_log(run_dir / "upstream.jsonl"), run).as_dict()
-    result["run"] = {k: run[k] for k in ("args", "faults", "aof", "client", "rss_peak_mib")}
+    result["run"] = {k: run[k] for k in ("args", "faults", "aof", "rss_peak_mib", "topology")}
+    result["run"]["client"] = {k: v for k, v in run["client"].items() if k != "unavailable"}
     (run_dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
     report(run, result)
     return 1 if result["violations_total"] else 0

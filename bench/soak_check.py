@@ -3,7 +3,10 @@
 Inputs are the upstream's JSONL log (bench/soak_upstream.py: what was SERVED),
 the fault timeline and the policy the run used (``run.json``, written by
 bench/soak.py). Nothing the gateways or the client say is trusted: a rule
-holds only if no request that reached the upstream breaks it.
+holds only if no request that reached the upstream breaks it. The one
+exception is what a denial cannot show upstream: on a cluster, the
+``state_unavailable`` answers the client met (in ``run.json``) must all be
+to students of a failing master, within the failover + 2 s.
 
     python bench/soak_check.py bench/results/soak-latest     # re-check a kept run
 
@@ -12,13 +15,16 @@ Every tolerance is a named constant below, with the reason for its size.
 
 from __future__ import annotations
 
+import binascii
 import datetime as dt
+import hashlib
+import hmac
 import json
 import re
 import string
 import sys
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +46,12 @@ CURFEW_TOL = 0.5
 # write times out after op_timeout 0.25 s, so <= 0.5 s after the fault, plus the
 # decision -> upstream latency.
 FAIL_TOL = 0.6
-STORE_FAULTS = ("redis_kill", "redis_stop")
+# The issue's bound on a store fault's denials (a cluster run): a failing
+# master's students get their lesson routes back within the failover (kill ->
+# replica promoted; SIGCONT for a stop) + 2 s.
+FAILOVER_TOL = 2.0
+STORE_FAULTS = ("redis_kill", "redis_stop", "cluster_master_kill")
+SLOTS = 16384
 
 ID_RE = re.compile(r"^[A-Za-z0-9\-_.:@]{1,128}$")
 _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
@@ -148,6 +159,45 @@ def route_of(routes: Iterable[Route], path: str) -> Route | None:
     return None
 
 
+# ------------------------------------------------------------------- slots
+
+
+def pseudonym(secret: str, student_id: str) -> str:
+    """The contract's student pseudonym: HMAC-SHA256 of the id, 128 bits, hex.
+    Mirrored here (bench/soak.py proves the mirror on a live cluster first)."""
+    return hmac.new(secret.encode(), student_id.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def slot_of(tag: str) -> int:
+    """Redis Cluster's hash slot of a hash tag: CRC16 (XMODEM) mod 16384."""
+    return binascii.crc_hqx(tag.encode(), 0) % SLOTS
+
+
+def in_ranges(slot: int, ranges: Iterable[Iterable[int]]) -> bool:
+    return any(lo <= slot <= hi for lo, hi in ranges)
+
+
+Affects = Callable[[dict[str, Any], str], bool]
+
+
+def affects_of(run: dict[str, Any]) -> Affects:
+    """Whether a store fault touched a student: every student on one server;
+    on a cluster, the students whose slot the failing master held."""
+    secret = run.get("id_secret")
+    slots: dict[str, int] = {}
+
+    def affects(fault: dict[str, Any], sid: str) -> bool:
+        if "slots" not in fault:
+            return True
+        if secret is None:
+            raise ValueError("a cluster run's run.json must carry id_secret")
+        if sid not in slots:
+            slots[sid] = slot_of(pseudonym(secret, sid))
+        return in_ranges(slots[sid], fault["slots"])
+
+    return affects
+
+
 # ------------------------------------------------------------------- check
 
 
@@ -169,7 +219,7 @@ class Result:
             "examples": {k: v for k, v in sorted(self.examples.items())},
             "figures": self.figures,
             "tolerances": {"limit_s": LIMIT_TOL, "gap_s": GAP_TOL, "curfew_edge_s": CURFEW_TOL,
-                           "fail_closed_s": FAIL_TOL},
+                           "fail_closed_s": FAIL_TOL, "failover_s": FAILOVER_TOL},
         }
 
 
@@ -198,7 +248,8 @@ def check(records: list[dict[str, Any]], run: dict[str, Any]) -> Result:
     # one served lesson activity: (start, end, what) per student
     activity: dict[str, list[tuple[float, float, dict[str, Any]]]] = defaultdict(list)
     ws_open: dict[int, dict[str, Any]] = {}
-    lesson_times: list[tuple[float, str]] = []  # (t, via) of every served lesson request
+    # (t, via, student) of every served lesson request
+    lesson_times: list[tuple[float, str, str]] = []
     counts: dict[str, int] = defaultdict(int)
 
     for rec in records:
@@ -236,7 +287,7 @@ def check(records: list[dict[str, Any]], run: dict[str, Any]) -> Result:
         if grades and grades[0] == "preschool":
             res.add("preschool_served", ex)
         t = rec["t"]
-        lesson_times.append((t, rec["via"]))
+        lesson_times.append((t, rec["via"], ids[0]))
         if cs + CURFEW_TOL <= t < ce - CURFEW_TOL:
             res.add("served_in_curfew", ex)
         region = rec["regions"][0] if rec["regions"] else None
@@ -251,11 +302,14 @@ def check(records: list[dict[str, Any]], run: dict[str, Any]) -> Result:
 
     kills = [f["start"] for f in run["faults"] if f["kind"] == "redis_kill"]
     _check_lessons(res, activity, max_d, min_b, cs, ce, end_of_run, kills)
-    _check_store_faults(res, run["faults"], lesson_times)
+    affects = affects_of(run)
+    _check_store_faults(res, run["faults"], lesson_times, affects)
+    if run.get("topology") == "cluster":
+        _check_denials(res, run["faults"], run["client"].get("unavailable", []), affects)
     res.figures["served"] = dict(counts)
     res.figures["students_served"] = len(activity)
     res.figures["lesson_requests_served"] = len(lesson_times)
-    res.figures["interruptions"] = interruptions(run["faults"], lesson_times, (cs, ce))
+    res.figures["interruptions"] = interruptions(run["faults"], lesson_times, (cs, ce), affects)
     return res
 
 
@@ -314,9 +368,11 @@ def _check_lessons(res: Result, activity: dict[str, list[tuple[float, float, dic
 
 
 def _check_store_faults(res: Result, faults: list[dict[str, Any]],
-                        lesson_times: list[tuple[float, str]]) -> None:
+                        lesson_times: list[tuple[float, str, str]], affects: Affects) -> None:
     """fail_closed: nothing on lesson routes while the store is down (after
-    FAIL_TOL for what was decided or fast-pathed when it failed)."""
+    FAIL_TOL for what was decided or fast-pathed when it failed); on a
+    cluster, nothing for the students of the failed master until its
+    replica was promoted."""
     tail = 0.0
     for f in faults:
         if f["kind"] not in STORE_FAULTS or f.get("recovered") is None:
@@ -324,8 +380,8 @@ def _check_store_faults(res: Result, faults: list[dict[str, Any]],
         # down from the fault until the restarted server was spawned (it may
         # answer the gateways before the soak's own readiness poll sees it)
         start, rec = f["start"], f.get("restarted", f["recovered"])
-        for t, _ in lesson_times:
-            if start <= t < rec:
+        for t, _, sid in lesson_times:
+            if start <= t < rec and affects(f, sid):
                 tail = max(tail, t - start)
                 if t > start + FAIL_TOL:
                     res.add("served_while_store_down", {"fault": f["kind"], "t": round(t, 3),
@@ -333,12 +389,44 @@ def _check_store_faults(res: Result, faults: list[dict[str, Any]],
     res.figures["served_after_store_fault_max_s"] = round(tail, 3)
 
 
-def interruptions(faults: list[dict[str, Any]], lesson_times: list[tuple[float, str]],
-                  curfew: tuple[float, float]) -> dict[str, float]:
+def _check_denials(res: Result, faults: list[dict[str, Any]],
+                   denials: list[list[Any]], affects: Affects) -> None:
+    """A cluster keeps the other masters' students going: every
+    state_unavailable the client met must fall inside a store fault (from its
+    start to its recovery + FAILOVER_TOL) that touched that student's slot."""
+    windows = [f for f in faults if f["kind"] in STORE_FAULTS and f.get("recovered")]
+    longest: dict[str, float] = {}
+    per_fault: list[float] = [0.0] * len(windows)
+    for t, sid, via, how in denials:
+        ex = {"t": round(t, 3), "student": sid, "via": via, "how": how}
+        live = [i for i, f in enumerate(windows)
+                if f["start"] <= t <= f["recovered"] + FAILOVER_TOL]
+        mine = [i for i in live if affects(windows[i], sid)]
+        if not live:
+            res.add("unavailable_outside_store_fault", ex)
+        elif not mine:
+            res.add("denied_on_live_master", ex)
+        for i in mine:
+            f = windows[i]
+            per_fault[i] = max(per_fault[i], t - f["start"])
+            longest[f["kind"]] = round(max(longest.get(f["kind"], 0.0), t - f["start"]), 3)
+    res.figures["state_unavailable_denials"] = len(denials)
+    res.figures["longest_denial_after_fault_s"] = longest
+    res.figures["master_kills"] = [
+        {"failover_s": f.get("failover_s"), "longest_denial_s": round(per_fault[i], 3),
+         "denial_after_promotion_s": round(max(0.0, f["start"] + per_fault[i]
+                                               - f["recovered"]), 3)}
+        for i, f in enumerate(windows) if f["kind"] == "cluster_master_kill"]
+
+
+def interruptions(faults: list[dict[str, Any]], lesson_times: list[tuple[float, str, str]],
+                  curfew: tuple[float, float], affects: Affects | None = None
+                  ) -> dict[str, float]:
     """Per fault kind, the longest gap in served lesson requests (through the
-    killed gateway only, for a gateway kill) that overlaps the fault, from its
-    start to its recovery: how long students could not have a lesson. The
-    curfew's share of a gap does not count (nobody may have a lesson then)."""
+    killed gateway only, for a gateway kill; of the failed master's students
+    only, on a cluster) that overlaps the fault, from its start to its
+    recovery: how long students could not have a lesson. The curfew's share
+    of a gap does not count (nobody may have a lesson then)."""
     cs, ce = curfew
 
     def length(a: float, b: float) -> float:
@@ -348,7 +436,8 @@ def interruptions(faults: list[dict[str, Any]], lesson_times: list[tuple[float, 
     for f in faults:
         start, rec = f["start"], f.get("recovered") or f.get("end") or f["start"]
         via = f.get("via")
-        times = [t for t, v in lesson_times if via is None or v == via]
+        times = [t for t, v, sid in lesson_times if (via is None or v == via)
+                 and (affects is None or "slots" not in f or affects(f, sid))]
         before = [t for t in times if t <= start]
         prev = before[-1] if before else start
         longest = 0.0

@@ -30,8 +30,8 @@ ROUTES = [
 ]
 
 
-def run(faults: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    return {"ended": T0 + 300, "faults": faults or [],
+def run(faults: list[dict[str, Any]] | None = None, **extra: Any) -> dict[str, Any]:
+    return {"ended": T0 + 300, "faults": faults or [], **extra,
             "policy": {"max_duration": 6, "min_break": 3, "curfew_start": CS,
                        "curfew_end": CE, "timezone": "Asia/Shanghai", "rest_region": "990000",
                        "rest_dates": ["2027-01-15"], "routes": ROUTES}}
@@ -49,9 +49,10 @@ def req(t: float, path: str = "/classroom/arts/x", sid: str | None = "s-1", *,
     return rec
 
 
-def violations(records: list[dict[str, Any]], faults: list[dict[str, Any]] | None = None
-               ) -> dict[str, int]:
-    return dict(soak_check.check(sorted(records, key=lambda r: r["t"]), run(faults)).violations)
+def violations(records: list[dict[str, Any]], faults: list[dict[str, Any]] | None = None,
+               **extra: Any) -> dict[str, int]:
+    return dict(soak_check.check(sorted(records, key=lambda r: r["t"]),
+                                 run(faults, **extra)).violations)
 
 
 def test_clean_log_has_no_violation() -> None:
@@ -127,6 +128,73 @@ def test_interruption_is_the_longest_gap_overlapping_the_fault() -> None:
     assert result.figures["interruptions"] == {"redis_kill": 2.5}
 
 
+SECRET = "soak-test-secret"
+
+
+def student_on(lo: int, hi: int, avoid: tuple[int, int] | None = None) -> str:
+    """A student id whose pseudonym's slot is in lo..hi."""
+    for i in range(100_000):
+        sid = f"c-{i}"
+        if lo <= soak_check.slot_of(soak_check.pseudonym(SECRET, sid)) <= hi:
+            return sid
+    raise AssertionError("no such student")
+
+
+def test_pseudonym_and_slot_mirror_the_gateway() -> None:
+    """The checker's student -> slot mapping is the gateway's (HMAC key, CRC16 hash tag)."""
+    from gateway.identity import Pseudonymizer
+    from gateway.redis.resp import slot
+
+    for sid in ("s-00001", "s-01999", "soak-probe"):
+        p = soak_check.pseudonym(SECRET, sid)
+        assert p == Pseudonymizer(SECRET.encode())(sid)
+        assert soak_check.slot_of(p) == slot(f"tutorgate:{{{p}}}:clock")
+
+
+def cluster_run_faults() -> tuple[dict[str, Any], str, str]:
+    kill = {"kind": "cluster_master_kill", "start": T0 + 40, "recovered": T0 + 43.5,
+            "failover_s": 3.5, "slots": [[0, 5460]]}
+    return kill, student_on(0, 5460), student_on(5461, 16383)
+
+
+def test_cluster_fail_closed_only_binds_the_failed_masters_students() -> None:
+    """On a cluster, a lesson served during a master's failover is a violation
+    for that master's students only."""
+    kill, victim, other = cluster_run_faults()
+    recs = [req(41.0, sid=victim), req(41.0, sid=other), req(42.0, sid=other)]
+    got = violations(recs, [kill], topology="cluster", id_secret=SECRET,
+                     client={"unavailable": []})
+    assert got == {"served_while_store_down": 1}
+
+
+def test_cluster_denials_are_checked_against_the_failed_master() -> None:
+    """state_unavailable for a live master's student, after the failover + 2 s,
+    or outside any store fault is a violation; the failed master's students
+    within the bound are not."""
+    kill, victim, other = cluster_run_faults()
+    denials = [[T0 + 41, victim, "gw", "http"], [T0 + 45.4, victim, "gw", "http"],
+               [T0 + 42, other, "gw", "http"], [T0 + 46, victim, "gw", "http"],
+               [T0 + 10, other, "gw", "ws_handshake"]]
+    result = soak_check.check([], run([kill], topology="cluster", id_secret=SECRET,
+                                      client={"unavailable": denials}))
+    assert dict(result.violations) == {"denied_on_live_master": 1,
+                                       "unavailable_outside_store_fault": 2}
+    assert result.figures["master_kills"] == [
+        {"failover_s": 3.5, "longest_denial_s": 5.4, "denial_after_promotion_s": 1.9}]
+
+
+def test_cluster_interruption_counts_the_failed_masters_students() -> None:
+    """A master kill's interruption is the gap in its own students' lessons,
+    not hidden by other masters' students being served."""
+    kill, victim, other = cluster_run_faults()
+    recs = [req(39.5, sid=victim), req(44.0, sid=victim)]
+    recs += [req(40 + i / 2, sid=other) for i in range(8)]
+    result = soak_check.check(sorted(recs, key=lambda r: r["t"]),
+                              run([kill], topology="cluster", id_secret=SECRET,
+                                  client={"unavailable": []}))
+    assert result.figures["interruptions"] == {"cluster_master_kill": 4.0}
+
+
 @pytest.mark.parametrize(("raw", "want"), [
     ("/classroom/subject/.", "/classroom/subject/"),
     ("/a/b/..", "/a/"),
@@ -154,5 +222,30 @@ def test_short_soak_serves_nothing_against_the_rules(tmp_path: Path) -> None:
     kinds = {f["kind"] for f in result["run"]["faults"] if "error" not in f}
     assert kinds == {"redis_kill", "redis_stop", "gateway_kill", "policy_broken",
                      "hostile_burst"}, result["run"]["faults"]
+    assert result["figures"]["lesson_requests_served"] > 1000
+    assert result["violations"] == {}, done.stdout
+
+
+@pytest.mark.slow
+def test_short_cluster_soak_kills_a_master_and_serves_nothing_against_the_rules(
+        tmp_path: Path) -> None:
+    """A ~60 s soak on a 3-master, 3-replica cluster (a master killed and
+    rejoined, each fault kind once): zero violations, the killed master's
+    students were denied (the fault bit) and nobody else was."""
+    out = tmp_path / "soak"
+    # the curfew after the faults: a master kill inside it would meet no lesson
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "soak.py"), "--cluster", "--students", "300",
+         "--duration", "55", "--faults", "5", "--curfew-at", "60", "--seed", "7",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode in (0, 1), done.stdout + done.stderr
+    result = json.loads((out / "result.json").read_text())
+    faults = [f for f in result["run"]["faults"] if "error" not in f]
+    assert {f["kind"] for f in faults} == {"cluster_master_kill", "redis_stop", "gateway_kill",
+                                           "policy_broken", "hostile_burst"}, faults
+    kill = next(f for f in faults if f["kind"] == "cluster_master_kill")
+    assert kill["rejoined_as_replica"], kill
+    assert result["figures"]["master_kills"][0]["longest_denial_s"] > 0, done.stdout
     assert result["figures"]["lesson_requests_served"] > 1000
     assert result["violations"] == {}, done.stdout
