@@ -10,7 +10,7 @@ Each front process runs under `valgrind --tool=callgrind` with instrumentation
 off; after a warm-up (which also starts every student's lesson) it is
 switched on, zeroed, loaded with a fixed number of requests, and dumped:
 
-    .venv/bin/python bench/instructions.py                  # ~4 min
+    .venv/bin/python bench/instructions.py                  # every line, ~5 min
     .venv/bin/python bench/instructions.py --lines bare,gw_lesson --requests 500
     .venv/bin/python bench/instructions.py --lines gw_lesson@/tmp/old/.venv/bin/tutorgate,gw_lesson
     .venv/bin/python bench/instructions.py --lines gw_lesson,authz_lesson --requests 3000
