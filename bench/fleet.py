@@ -1,4 +1,4 @@
-"""Fleet load: N gateways (each with W workers) on one Redis, thousands of students.
+"""Fleet load: N gateways (each with W workers) on Redis, thousands of students.
 
 Figures for docs/capacity.md, not a test. Every simulated student sends a
 lesson request every `--interval` seconds (with jitter), through the
@@ -14,10 +14,13 @@ request.
 
     .venv/bin/python bench/fleet.py [--students 2000] [--gateways 1] [--workers 1]
                                     [--interval 2] [--duration 20]
-                                    [--redis URL --stats-nodes H:P,H:P]
+                                    [--cluster | --redis URL --stats-nodes H:P,H:P]
 
-Without --redis a redis-server of its own is started. With --redis (e.g. a
-cluster, `redis+cluster://H1:P1,...` once the store supports it) the
+Without --redis a redis-server of its own is started. `--cluster` starts a
+local 3-master, 3-replica Redis Cluster instead (AOF off, as the single
+server) and the gateways use `redis+cluster://`: Redis figures are summed
+over the three masters (where the commands run), and the replicas' are
+reported apart (`replica_*`: what replication costs). With --redis the
 gateways use that URL and INFO is read from `--stats-nodes` (default: the
 URL's own host:port); Redis CPU is then not measured.
 """
@@ -27,10 +30,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 
 import aiohttp
@@ -52,7 +56,7 @@ routes:
 
 def node_stats(nodes: Sequence[str]) -> dict[str, float]:
     """Commands, bytes and memory summed over the Redis nodes."""
-    out: Counter[str] = Counter()
+    out: defaultdict[str, float] = defaultdict(float)
     for node in nodes:
         host, _, port = node.rpartition(":")
         r = redis.Redis(host=host, port=int(port), socket_timeout=5)
@@ -66,6 +70,10 @@ def node_stats(nodes: Sequence[str]) -> dict[str, float]:
         out["net_in"] += stats["total_net_input_bytes"]
         out["net_out"] += stats["total_net_output_bytes"]
         out["used_memory"] += memory["used_memory"]
+        # A master's replication backlog (1 MiB by default) fills up during
+        # the run whatever the students: kept apart from their memory.
+        out["repl_buffers"] += memory.get("mem_total_replication_buffers",
+                                          memory.get("mem_replication_backlog", 0))
         for name, cs in commands.items():
             out[name.removeprefix("cmdstat_")] += cs["calls"]
     return dict(out)
@@ -88,12 +96,17 @@ def key_memory(nodes: Sequence[str], sample: int = 300) -> dict[str, float]:
                     got.append(int(r.memory_usage(key, samples=0) or 0))
                 if all(len(v) >= sample for v in sizes.values()) and len(sizes) >= 2:
                     break
-            if r.exists("tutorgate:audit"):
-                audit[0] += float(r.memory_usage("tutorgate:audit", samples=0) or 0)
-                audit[1] += float(r.xlen("tutorgate:audit"))
+            # One server holds `tutorgate:audit`; a cluster shards it into
+            # `tutorgate:audit:{0}`..: scan for the ones this node holds (a
+            # plain client asking a node for another's key gets MOVED).
+            for key in r.scan_iter(match="tutorgate:audit*", count=1000):
+                if r.type(key) == b"stream":
+                    audit[0] += float(r.memory_usage(key, samples=0) or 0)
+                    audit[1] += float(r.xlen(key))
         finally:
             r.close()
-    out = {f"{kind}_key_bytes": round(sum(v) / len(v)) for kind, v in sizes.items() if v}
+    out: dict[str, float] = {f"{kind}_key_bytes": round(sum(v) / len(v))
+                             for kind, v in sizes.items() if v}
     if audit[1]:
         out["audit_event_bytes"] = round(audit[0] / audit[1])
         out["audit_events"] = audit[1]
@@ -151,7 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--break", dest="brk", type=int, default=5, help="min_break, seconds (5)")
     p.add_argument("--warmup", type=float, default=5.0)
     p.add_argument("--duration", type=float, default=20.0)
-    p.add_argument("--redis", help="use this Redis URL instead of starting one")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--redis", help="use this Redis URL instead of starting one")
+    where.add_argument("--cluster", action="store_true",
+                       help="start a local 3-master, 3-replica Redis Cluster (needs redis-cli)")
     p.add_argument("--stats-nodes", help="comma list of HOST:PORT to read INFO from")
     a = p.parse_args(argv)
     return harness.guarded("fleet", lambda: run(a))
@@ -159,13 +175,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(a: argparse.Namespace) -> int:
     with Children() as kids:
-        redis_child: Child | None = None
+        # The Redis processes whose CPU is measured: the server, or the
+        # cluster's masters; a cluster's replicas are measured apart.
+        redis_children: list[Child] = []
+        replica_children: list[Child] = []
+        replicas: list[str] = []
         if a.redis:
             redis_url = a.redis
+        elif a.cluster:
+            cluster = harness.RedisCluster(kids, harness.LOG_DIR / "fleet-cluster",
+                                           "fleet-cluster", appendonly=False)
+            cluster.start()
+            redis_url = cluster.url
+            masters = set(cluster.masters())
+            by_port = {n.port: n.child for n in cluster.nodes if n.child is not None}
+            redis_children = [c for port, c in by_port.items() if port in masters]
+            replica_children = [c for port, c in by_port.items() if port not in masters]
+            replicas = [f"{HOST}:{port}" for port in by_port if port not in masters]
         else:
             redis_child, redis_url = harness.start_redis(kids)
-        nodes = (a.stats_nodes.split(",") if a.stats_nodes
-                 else [redis_url.split("://", 1)[1].split("/", 1)[0].split("@")[-1]])
+            redis_children = [redis_child]
+        if a.cluster:
+            nodes = [f"{HOST}:{port}" for port in sorted(masters)]
+        else:
+            nodes = (a.stats_nodes.split(",") if a.stats_nodes
+                     else [redis_url.split("://", 1)[1].split("/", 1)[0].split("@")[-1]])
         upstream, upstream_url = harness.start_upstream(kids)
         start, end = harness.curfew_far_from_now()
         policy = harness.RESULTS_DIR / "fleet-policy.yaml"
@@ -182,14 +216,27 @@ def run(a: argparse.Namespace) -> int:
             harness.wait_http(f"http://{HOST}:{admin}/readyz", gw, want=200, timeout=30)
             gateways.append(gw)
             urls.append(f"http://{HOST}:{port}{LESSON_PATH}")
-        empty = node_stats(nodes)["used_memory"]
+        at_start = node_stats(nodes)
+        empty = at_start["used_memory"] - at_start["repl_buffers"]
+        load_before = round(os.getloadavg()[0], 2)  # the host is shared: say how busy
 
         def measure() -> Snapshot:
-            snap = node_stats(nodes)
+            per_node = [node_stats([node]) for node in nodes]
+            snap: Snapshot = {}
+            for one in per_node:
+                for k, v in one.items():
+                    snap[k] = snap.get(k, 0.0) + v
+            for i, one in enumerate(per_node if len(per_node) > 1 else []):
+                # each master's own count: how evenly the students' slots spread
+                snap[f"master{i}_commands"] = one["commands"]
+            if replicas:
+                snap.update({f"replica_{k}": v for k, v in node_stats(replicas).items()
+                             if k in ("commands", "net_in", "net_out", "used_memory")})
+                snap["replica_cpu"] = sum(harness.cpu_seconds(c.pid) for c in replica_children)
             snap["gateway_cpu"] = sum(harness.cpu_seconds(g.pid) for g in gateways)
             snap["upstream_cpu"] = harness.cpu_seconds(upstream.pid)
-            if redis_child is not None:
-                snap["redis_cpu"] = harness.cpu_seconds(redis_child.pid)
+            if redis_children:
+                snap["redis_cpu"] = sum(harness.cpu_seconds(c.pid) for c in redis_children)
             snap["time"] = time.monotonic()
             return snap
 
@@ -202,30 +249,51 @@ def run(a: argparse.Namespace) -> int:
         for gw in gateways:
             if not gw.alive():
                 print(f"WARNING {gw.name} died:\n{gw.log_tail()}", file=sys.stderr)
-    report(a, window, total, before, after, after["used_memory"] - empty, keys)
+    report(a, window, total, before, after,
+           after["used_memory"] - after["repl_buffers"] - empty, keys, load_before)
     return 0
 
 
 def report(a: argparse.Namespace, window: Counter[int], total: Counter[int],
-           before: Snapshot, after: Snapshot, memory: float, keys: dict[str, float]) -> None:
+           before: Snapshot, after: Snapshot, memory: float, keys: dict[str, float],
+           load_before: float) -> None:
     d = {k: after[k] - before.get(k, 0.0) for k in after}
     seconds = d["time"]
     student_seconds = a.students * seconds
     student_minutes = student_seconds / 60
     requests = sum(window.values())
-    skip = {"commands", "net_in", "net_out", "used_memory", "gateway_cpu", "upstream_cpu",
-            "redis_cpu", "time", "info", "ping"}
+    skip = {"commands", "net_in", "net_out", "used_memory", "repl_buffers", "gateway_cpu",
+            "upstream_cpu", "redis_cpu", "time", "info", "ping", "cluster", "hello"}
     by_command = {k: v for k, v in sorted(d.items(), key=lambda kv: -kv[1])
-                  if k not in skip and v > 0}
+                  if k.split("|")[0] not in skip and v > 0
+                  and not k.startswith(("master", "replica_"))}
+    masters = sorted(k for k in d if k.startswith("master") and k.endswith("_commands"))
+    replica: dict[str, object] = {}
+    if "replica_commands" in d:
+        # What replication costs: the replicas apply every write the masters make.
+        replica = {
+            "replica_ops_per_s_per_student": round(d["replica_commands"] / student_seconds, 4),
+            "replica_bytes_in_per_student_minute": round(d["replica_net_in"] / student_minutes),
+            "replica_cpu_us_per_student_second": round(d["replica_cpu"] * 1e6 / student_seconds,
+                                                       2),
+            "replica_cpu_us_per_request": round(d["replica_cpu"] * 1e6 / max(requests, 1), 1),
+        }
     figures = {
         "students": a.students, "gateways": a.gateways, "workers": a.workers,
+        "redis": "cluster, 3 masters + 3 replicas" if a.cluster else (a.redis or "one server"),
         "seconds": round(seconds, 2),
-        "requests": requests, "statuses": {str(k): v for k, v in sorted(window.items())},
+        "load_average_start_end": [load_before, round(os.getloadavg()[0], 2)],
+        "requests": requests,
+        "statuses": {str(k): v for k, v in sorted(window.items()) if v},
+        # the warm-up too: a cold start's first burst shows here, not in the window
+        "statuses_whole_run": {str(k): v for k, v in sorted(total.items()) if v},
         "requests_per_student_minute": round(requests / student_minutes, 2),
         "redis_ops_per_s_per_student": round(d["commands"] / student_seconds, 4),
         "redis_commands_per_student_minute": round(d["commands"] / student_minutes, 2),
         "redis_commands_per_request": round(d["commands"] / max(requests, 1), 3),
         "redis_commands": by_command,
+        "redis_commands_share_by_master": [round(d[k] / max(d["commands"], 1), 3)
+                                           for k in masters],
         "redis_bytes_in_per_student_minute": round(d["net_in"] / student_minutes),
         "redis_bytes_out_per_student_minute": round(d["net_out"] / student_minutes),
         "gateway_cpu_us_per_student_second": round(d["gateway_cpu"] * 1e6 / student_seconds, 1),
@@ -233,8 +301,13 @@ def report(a: argparse.Namespace, window: Counter[int], total: Counter[int],
         "gateway_cores_busy": round(d["gateway_cpu"] / seconds, 3),
         "redis_cpu_us_per_student_second": (round(d["redis_cpu"] * 1e6 / student_seconds, 2)
                                             if "redis_cpu" in d else None),
-        # used_memory growth from empty to the window's end, audit stream included
+        "redis_cpu_us_per_request": (round(d["redis_cpu"] * 1e6 / max(requests, 1), 1)
+                                     if "redis_cpu" in d else None),
+        **replica,
+        # used_memory growth from empty to the window's end, audit stream
+        # included, replication buffers not (below)
         "redis_memory_bytes_per_student": round(memory / a.students),
+        "redis_replication_buffers_bytes": round(after["repl_buffers"]),
         "redis_key_memory": keys,
         "audit_events_per_student_minute": round(
             keys.get("audit_events", 0) / (a.students * (a.warmup + seconds) / 60), 3),

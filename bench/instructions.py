@@ -10,9 +10,15 @@ Each front process runs under `valgrind --tool=callgrind` with instrumentation
 off; after a warm-up (which also starts every student's lesson) it is
 switched on, zeroed, loaded with a fixed number of requests, and dumped:
 
-    .venv/bin/python bench/instructions.py                  # ~4 min
+    .venv/bin/python bench/instructions.py                  # every line, ~5 min
     .venv/bin/python bench/instructions.py --lines bare,gw_lesson --requests 500
     .venv/bin/python bench/instructions.py --lines gw_lesson@/tmp/old/.venv/bin/tutorgate,gw_lesson
+    .venv/bin/python bench/instructions.py --lines gw_lesson,authz_lesson --requests 3000
+
+`authz_lesson` is `tutorgate authz` (the decision service an ingress asks)
+loaded with `GET /_tutorgate/authz` carrying `X-Forwarded-Uri` of the same
+lesson route and the same students as `gw_lesson`: the instructions of one
+decision against those of one proxied lesson request.
 
 A line `key@/path/to/tutorgate` runs that gateway build instead of the one
 next to this interpreter, in the same run: the way to compare two builds
@@ -40,15 +46,20 @@ import aiohttp
 import harness
 from harness import HOST, BenchError, Child, Children
 
-LINE_KEYS = ("bare", "gw_pass", "gw_lesson", "gw_lesson_mem")
+LINE_KEYS = ("bare", "gw_pass", "gw_lesson", "gw_lesson_mem", "authz_lesson")
 LABELS = {
     "bare": "bare aiohttp proxy",
     "gw_pass": "gateway pass-through (redis)",
     "gw_lesson": "gateway enforced (redis)",
     "gw_lesson_mem": "gateway enforced (memory)",
+    "authz_lesson": "tutorgate authz, lesson decision (redis)",
 }
 PASS_PATH = "/static/x"
 LESSON_PATH = "/classroom/arts/x"
+AUTHZ_PATH = "/_tutorgate/authz"
+# The decision service reads the target from this header (Traefik's; nginx's
+# example sends it too), so authz_lesson decides exactly gw_lesson's route.
+HEADERS = {"authz_lesson": {"X-Forwarded-Uri": LESSON_PATH}}
 OUT_DIR = harness.RESULTS_DIR / "callgrind"
 _TOTALS = re.compile(rb"^(?:totals|summary):\s+(\d+)", re.M)
 
@@ -88,9 +99,10 @@ def valgrind_argv(name: str, argv: list[str]) -> list[str]:
             f"--callgrind-out-file={OUT_DIR}/{name}.%p", *argv]
 
 
-async def drive(url: str, requests: int, students: int, concurrency: int) -> int:
+async def drive(url: str, requests: int, students: int, concurrency: int,
+                extra: dict[str, str] | None = None) -> int:
     """GET url `requests` times, `concurrency` at a time, student ids
-    round-robin; returns how many answers were not 200."""
+    round-robin, with the `extra` headers; returns how many answers were not 200."""
     bad = 0
     counter = iter(range(requests))
     timeout = aiohttp.ClientTimeout(total=120)
@@ -99,7 +111,8 @@ async def drive(url: str, requests: int, students: int, concurrency: int) -> int
             nonlocal bad
             for i in counter:
                 sid = f"bench-student-{i % students:05d}"
-                async with session.get(url, headers={"X-Student-Id": sid}) as resp:
+                async with session.get(url, headers={"X-Student-Id": sid, **(extra or {})}
+                                       ) as resp:
                     await resp.read()
                     bad += resp.status != 200
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -116,13 +129,14 @@ def count(front: Front, line: Line, args: argparse.Namespace) -> float:
     url = front.lines[line]
     pid = front.child.pid
     label = line.label
-    bad = asyncio.run(drive(url, args.warmup, args.students, args.concurrency))
+    extra = HEADERS.get(line.key)
+    bad = asyncio.run(drive(url, args.warmup, args.students, args.concurrency, extra))
     if bad:
         raise BenchError(f"{label}: {bad} of {args.warmup} warm-up answers were not 200")
     before = set(OUT_DIR.glob(f"{front.child.name}.{pid}*"))
     control(pid, "--instr=on")
     control(pid, "--zero")
-    bad = asyncio.run(drive(url, args.requests, args.students, args.concurrency))
+    bad = asyncio.run(drive(url, args.requests, args.students, args.concurrency, extra))
     control(pid, "--dump")
     control(pid, "--instr=off")
     if bad:
@@ -134,7 +148,7 @@ def count(front: Front, line: Line, args: argparse.Namespace) -> float:
     found = _TOTALS.search(dumps[-1].read_bytes())
     if found is None:
         raise BenchError(f"{dumps[-1]}: no totals line")
-    return int(found.group(1)) / args.requests
+    return int(found.group(1)) / float(args.requests)
 
 
 def start_fronts(kids: Children, wanted: list[Line], upstream: str) -> list[Front]:
@@ -152,22 +166,33 @@ def start_fronts(kids: Children, wanted: list[Line], upstream: str) -> list[Fron
     builds = list(dict.fromkeys(line.exe for line in wanted if line.key != "bare"))
     for n, exe in enumerate(builds):
         for name, keys, redis in (("gw-redis", ("gw_pass", "gw_lesson"), True),
-                                  ("gw-memory", ("gw_lesson_mem",), False)):
+                                  ("gw-memory", ("gw_lesson_mem",), False),
+                                  ("authz", ("authz_lesson",), True)):
             lines = [ln for ln in wanted if ln.exe == exe and ln.key in keys]
             if not lines:
                 continue
-            name = f"{name}-{n}"
             redis_url = None
             if redis:
-                _redis, redis_url = harness.start_redis(kids)
+                _redis, redis_url = harness.start_redis(kids, f"redis-{name}-{n}")
             port, admin = harness.free_port(), harness.free_port()
             argv = harness.gateway_argv(policy, upstream, port, admin, redis_url, exe)
+            if name == "authz":
+                argv[1:6] = ["authz", "--policy", str(policy)]  # decisions only: no upstream
+            name = f"{name}-{n}"
             child = kids.start(name, valgrind_argv(name, argv), env=harness.gateway_env())
             harness.wait_http(f"http://{HOST}:{admin}/readyz", child, want=200, timeout=300)
             paths = {"gw_pass": PASS_PATH, "gw_lesson": LESSON_PATH,
-                     "gw_lesson_mem": LESSON_PATH}
+                     "gw_lesson_mem": LESSON_PATH, "authz_lesson": AUTHZ_PATH}
             fronts.append(Front(child, {ln: f"http://{HOST}:{port}{paths[ln.key]}"
                                         for ln in lines}))
+            if name.startswith("authz"):
+                # a typo in the route would count "pass" answers (200, no store call)
+                got = harness.http_get(f"http://{HOST}:{port}{AUTHZ_PATH}",
+                                       {"X-Student-Id": "bench-student-check",
+                                        **HEADERS["authz_lesson"]})
+                if got.headers.get("x-tutorgate-decision") != "allow":
+                    raise BenchError(f"{name}: {LESSON_PATH} answered {got.status} "
+                                     f"{got.headers.get('x-tutorgate-decision')}, not allow")
     return fronts
 
 
@@ -209,6 +234,12 @@ def run(args: argparse.Namespace) -> int:
         ratio = f"{base / medians[line]:.2f}x" if base else "-"
         counts = " ".join(f"{v / 1000:.1f}" for v in results[line]) if spread else ""
         print(f"{line.label:{width}} {medians[line] / 1000:12.1f} {ratio:>8} {counts}".rstrip())
+    for line in medians:
+        proxied = Line("gw_lesson", line.exe)
+        if line.key == "authz_lesson" and proxied in medians:
+            build = f" @{line.exe}" if line.exe else ""
+            print(f"one decision / one proxied lesson request{build} (authz_lesson / "
+                  f"gw_lesson): {medians[line] / medians[proxied]:.2f}")
     if base:
         print("(vs bare: bare's instructions / the line's, the req/s ratio a CPU-bound "
               "front would give)")
