@@ -14,7 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from kit import ARTS, SUBJECT, metric, near_local_midnight, policy_text, spawn_gateway
+from kit import ARTS, SUBJECT, elapse, metric, near_local_midnight, policy_text, spawn_gateway
 
 LIVE = "/classroom/arts/room/live"
 
@@ -139,7 +139,7 @@ async def test_policy_push_switches_all_instances(tmp_path: Path, upstream, gate
 async def test_shadow_mode_denies_nothing_and_counts(upstream, gateways, http):
     """mode: shadow lets everything through and counts shadow_deny per rule."""
     gw = await gateways(policy_text(max_duration="1s", min_break="1h", extra="mode: shadow"),
-                        upstream.url)
+                        upstream.url, manual_clock=True)
     async with http.get(gw.url("/api/photo-search")) as r:
         assert r.status == 200
     s = sid()
@@ -147,7 +147,7 @@ async def test_shadow_mode_denies_nothing_and_counts(upstream, gateways, http):
                                                   "X-Student-Grade": "preschool"}) as r:
         assert r.status == 200
     st, _ = await remaining(http, gw.url(SUBJECT), s)
-    await asyncio.sleep(1.1)
+    await elapse(gw, 1.1)
     st, _ = await remaining(http, gw.url(SUBJECT), s)
     assert st == 200
     assert metric(gw, "tutorgate_decisions_total", decision="shadow_deny",
@@ -172,15 +172,16 @@ async def test_shadow_one_rule(upstream, gateways, http):
 async def test_daily_limit_across_lessons(upstream, gateways, http, store_url):
     """daily_max counts lesson time over several lessons: once used up, 429 daily_limit."""
     gw = await gateways(policy_text(max_duration="1s", min_break="1s", extra="daily_max: 2s"),
-                        upstream.url, redis_url=store_url)
+                        upstream.url, redis_url=store_url, manual_clock=True)
+    clock = gw.gateway.clock
     s = sid()
     for _ in range(2):
-        t = time.monotonic()
+        t = clock.now()
         st, _ = await remaining(http, gw.url(ARTS), s)
         assert st == 200
-        await asyncio.sleep(max(0.0, t + 0.6 - time.monotonic()))
+        await elapse(gw, max(0.0, t + 0.6 - clock.now()))
         assert (await remaining(http, gw.url(ARTS), s))[0] == 200
-        await asyncio.sleep(max(0.0, t + 2.1 - time.monotonic()))
+        await elapse(gw, max(0.0, t + 2.1 - clock.now()))
     async with http.get(gw.url(ARTS), headers={"X-Student-Id": s}) as r:
         body = await r.json()
         assert r.status == 429 and body["rule"] == "daily_limit"
