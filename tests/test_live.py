@@ -102,6 +102,28 @@ async def test_websocket_cut_at_curfew(upstream, gateways, http):
     assert upstream.ws_opened == opened
 
 
+async def test_curfew_backstop_decides_on_the_gateway_clock(upstream, gateways, http):
+    """The curfew backstop job cuts a connection when the gateway's clock (not
+    the host's) is inside the curfew."""
+    clock = ManualClock()
+    start = (dt.datetime.fromtimestamp(clock.now(), TZ)
+             + dt.timedelta(hours=1)).replace(microsecond=0)
+    end = start + dt.timedelta(hours=1)
+    if end.date() != start.date():
+        pytest.skip("too close to local midnight")
+    gw = await gateways(policy_text(max_duration="3h", curfew=(f"{start:%H:%M:%S}",
+                                                                f"{end:%H:%M:%S}")),
+                        upstream.url, store=MemoryStore(clock))
+    async with http.ws_connect(gw.ws_url(LIVE), headers=who(sid())) as ws:
+        # the host's clock is an hour before the curfew, the gateway's inside it;
+        # the backstop runs before the connection's own timer gets its turn
+        clock.advance(start.timestamp() + 60 - clock.now())
+        await gw.gateway.curfew_cut()
+        assert metric(gw, "tutorgate_connections_cut_total", rule="curfew") == 1
+        msg = await ws.receive(timeout=1)
+    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.extra == "curfew"
+
+
 async def test_stream_ends_at_lesson_limit(upstream, gateways, http, store_url):
     """A server-sent-event stream on a lesson route ends at the limit."""
     gw = await gateways(policy_text(max_duration="2s", min_break="5s"), upstream.url,
