@@ -6,8 +6,9 @@ holding the same student's connections cuts them at the same moment. A
 deadline is one timer of that clock (`Clock.call_at`): on a running clock a
 heap entry in the event loop, which holds up at 10,000 connections where
 one APScheduler job each would not (10k APScheduler date jobs took ~0.7 s
-just to add); on a test's `ManualClock`, one that fires as it is advanced. Revocations that no
-deadline predicts (a policy reload) come through the store's pub/sub.
+just to add); on a test's `ManualClock`, one that fires as it is advanced.
+Revocations that no deadline predicts (a policy reload) come through the
+store's pub/sub.
 """
 
 from __future__ import annotations
