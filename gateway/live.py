@@ -3,15 +3,18 @@
 Each connection carries a deadline computed on the shared clock by
 clock.lesson_deadline (the lesson limit, the daily limit or the curfew), so every instance
 holding the same student's connections cuts them at the same moment. A
-deadline is one `loop.call_at` timer: a heap entry in the event loop, which
-holds up at 10,000 connections where one APScheduler job each would not
-(10k APScheduler date jobs took ~0.7 s just to add). Revocations that no
-deadline predicts (a policy reload) come through the store's pub/sub.
+deadline is one timer of that clock (`Clock.call_at`): on a running clock a
+heap entry in the event loop, which holds up at 10,000 connections where
+one APScheduler job each would not (10k APScheduler date jobs took ~0.7 s
+just to add); on a test's `ManualClock`, one that fires as it is advanced.
+Revocations that no deadline predicts (a policy reload) come through the
+store's pub/sub.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -24,7 +27,7 @@ from .metrics import Metrics
 from .policy import Route
 from .rules import Student
 from .store.base import Cut, StateStore
-from .timesource import Clock
+from .timesource import Clock, Timer
 
 log = logging.getLogger("tutorgate.live")
 
@@ -52,7 +55,7 @@ class LiveConn:
     held: bool = True                          # holds a lease in the store
     student: Student | None = None             # to recompute deadlines on a reload
     route: Route | None = None
-    timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+    timer: Timer | None = field(default=None, repr=False)
     cutting: bool = False
 
 
@@ -84,8 +87,7 @@ class LiveRegistry:
         if conn.timer is not None:
             conn.timer.cancel()
         conn.deadline, conn.rule = deadline, rule
-        loop = asyncio.get_running_loop()
-        conn.timer = loop.call_later(max(self.clock.until(deadline), 0.0), self._fire, conn)
+        conn.timer = self.clock.call_at(deadline, functools.partial(self._fire, conn))
 
     def _fire(self, conn: LiveConn) -> None:
         conn.timer = None

@@ -3,6 +3,12 @@
 The gateway runs its real aiohttp apps on real TCP ports (AppRunner +
 TCPSite); only the process is shared with the test, so tests can reach
 into `gw.gateway` for its metrics and store.
+
+Time: `start_gateway(..., manual_clock=True)` gives a memory-store gateway a
+`ManualClock`, and `elapse(gw, s)` lets `s` seconds pass on the gateway's
+clock: advanced at once on a ManualClock, waited for in real time on any
+other (Redis TIME runs a Redis store's lesson clock, and nothing in this
+process can move it).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from gateway.app import Gateway
 from gateway.policy import Policy, parse_policy
 from gateway.settings import Settings
 from gateway.store.base import StateStore
+from gateway.store.memory import MemoryStore
+from gateway.timesource import ManualClock
 
 TZ = ZoneInfo("Asia/Shanghai")
 SUBJECT = "/classroom/subject/math/1"
@@ -221,9 +229,12 @@ async def start_gateway(policy: Policy | str, upstream: str, *, redis_url: str |
                         read_timeout: float | None = 300.0,
                         audit_retention_days: float = 180.0, header_timeout: float = 10.0,
                         keepalive_timeout: float = 75.0,
-                        max_connections: int | None = None) -> RunningGateway:
+                        max_connections: int | None = None,
+                        manual_clock: bool = False) -> RunningGateway:
     if isinstance(policy, str):
         policy = parse_policy(policy, "test-policy.yaml")
+    if manual_clock and store is None and redis_url is None:
+        store = MemoryStore(ManualClock())
     port, admin = free_port(), free_port()
     settings = Settings(policy_path=policy_path, upstream=upstream, listen=("127.0.0.1", port),
                         admin_listen=("127.0.0.1", admin), redis_url=redis_url,
@@ -238,6 +249,18 @@ async def start_gateway(policy: Policy | str, upstream: str, *, redis_url: str |
     await web.TCPSite(main, "127.0.0.1", port).start()
     await web.TCPSite(adm, "127.0.0.1", admin).start()
     return RunningGateway(gw, port, admin, [main, adm])
+
+
+async def elapse(gw: RunningGateway, seconds: float) -> None:
+    """Let `seconds` pass on the gateway's clock (see the module docstring),
+    then let the event loop run what came due."""
+    clock = gw.gateway.clock
+    if isinstance(clock, ManualClock):
+        clock.advance(seconds)
+        for _ in range(3):  # the timer's pass, the cut task's, the close's start
+            await asyncio.sleep(0)
+    else:
+        await asyncio.sleep(seconds)
 
 
 def metric(gw: RunningGateway, name: str, **labels: str) -> float:

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from kit import ARTS, SUBJECT, TZ, metric, policy_text, spawn_gateway
+from kit import ARTS, SUBJECT, TZ, elapse, metric, policy_text, spawn_gateway
+
+from gateway.store.memory import MemoryStore
+from gateway.timesource import ManualClock
 
 LIVE = "/classroom/arts/room/live"
 STREAM = "/classroom/arts/room/stream"
@@ -53,13 +56,17 @@ async def test_websocket_echo_and_close_codes(upstream, gateways, http):
 
 async def test_websocket_cut_at_lesson_limit(upstream, gateways, http, store_url):
     """An open lesson WebSocket is closed at the lesson limit with a 4000-4999
-    code and reason lesson_limit, within a second of the deadline."""
+    code and reason lesson_limit, not before it and within a second of it."""
     gw = await gateways(policy_text(max_duration="2s", min_break="5s"), upstream.url,
-                        redis_url=store_url)
-    t0 = time.time()
+                        redis_url=store_url, manual_clock=True)
+    clock = gw.gateway.clock
+    t0 = clock.now()
     async with http.ws_connect(gw.ws_url(LIVE), headers=who(sid())) as ws:
-        msg = await ws.receive(timeout=5)
-        closed_at = time.time()
+        await elapse(gw, max(0.0, t0 + 1.8 - clock.now()))
+        assert metric(gw, "tutorgate_connections_cut_total") == 0
+        await elapse(gw, 0.3)
+        msg = await ws.receive(timeout=1)  # past the deadline: cut at once
+        closed_at = clock.now()
     assert msg.type == aiohttp.WSMsgType.CLOSE
     assert 4000 <= msg.data <= 4999 and msg.extra == "lesson_limit"
     assert 1.9 <= closed_at - t0 <= 3.0, closed_at - t0
@@ -69,19 +76,24 @@ async def test_websocket_cut_at_lesson_limit(upstream, gateways, http, store_url
 
 async def test_websocket_cut_at_curfew(upstream, gateways, http):
     """A lesson WebSocket open when the curfew starts is closed with reason curfew."""
-    start = (dt.datetime.now(TZ) + dt.timedelta(seconds=3)).replace(microsecond=0)
+    clock = ManualClock()
+    start = (dt.datetime.fromtimestamp(clock.now(), TZ)
+             + dt.timedelta(seconds=3)).replace(microsecond=0)
     end = start + dt.timedelta(hours=1)
     if end.date() != start.date():
         pytest.skip("too close to local midnight")
     gw = await gateways(policy_text(max_duration="1h", curfew=(f"{start:%H:%M:%S}",
                                                                 f"{end:%H:%M:%S}")),
-                        upstream.url)
+                        upstream.url, store=MemoryStore(clock))
     async with http.ws_connect(gw.ws_url(LIVE), headers=who(sid())) as ws:
-        msg = await ws.receive(timeout=8)
-        closed_at = dt.datetime.now(TZ)
+        await elapse(gw, start.timestamp() - 0.2 - clock.now())
+        assert metric(gw, "tutorgate_connections_cut_total") == 0
+        await elapse(gw, 0.4)
+        msg = await ws.receive(timeout=1)  # past the curfew start: cut at once
+        closed_at = clock.now()
     assert msg.type == aiohttp.WSMsgType.CLOSE and msg.extra == "curfew"
     assert 4000 <= msg.data <= 4999
-    assert abs((closed_at - start).total_seconds()) < 1.0
+    assert abs(closed_at - start.timestamp()) < 1.0
     # reconnecting is refused while the rule holds, before any upstream connection
     opened = upstream.ws_opened
     with pytest.raises(aiohttp.WSServerHandshakeError) as e:
@@ -90,22 +102,52 @@ async def test_websocket_cut_at_curfew(upstream, gateways, http):
     assert upstream.ws_opened == opened
 
 
+async def test_curfew_backstop_decides_on_the_gateway_clock(upstream, gateways, http):
+    """The curfew backstop job cuts a connection when the gateway's clock (not
+    the host's) is inside the curfew."""
+    clock = ManualClock()
+    start = (dt.datetime.fromtimestamp(clock.now(), TZ)
+             + dt.timedelta(hours=1)).replace(microsecond=0)
+    end = start + dt.timedelta(hours=1)
+    if end.date() != start.date():
+        pytest.skip("too close to local midnight")
+    gw = await gateways(policy_text(max_duration="3h", curfew=(f"{start:%H:%M:%S}",
+                                                                f"{end:%H:%M:%S}")),
+                        upstream.url, store=MemoryStore(clock))
+    async with http.ws_connect(gw.ws_url(LIVE), headers=who(sid())) as ws:
+        # the host's clock is an hour before the curfew, the gateway's inside it;
+        # the backstop runs before the connection's own timer gets its turn
+        clock.advance(start.timestamp() + 60 - clock.now())
+        await gw.gateway.curfew_cut()
+        assert metric(gw, "tutorgate_connections_cut_total", rule="curfew") == 1
+        msg = await ws.receive(timeout=1)
+    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.extra == "curfew"
+
+
 async def test_stream_ends_at_lesson_limit(upstream, gateways, http, store_url):
     """A server-sent-event stream on a lesson route ends at the limit."""
     gw = await gateways(policy_text(max_duration="2s", min_break="5s"), upstream.url,
-                        redis_url=store_url)
-    t0 = time.time()
+                        redis_url=store_url, manual_clock=True)
+    clock = gw.gateway.clock
+    t0 = clock.now()
     got = 0
     async with http.get(gw.url(STREAM), headers=who(sid())) as r:
         assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
         assert int(r.headers["X-Lesson-Remaining"]) in (1, 2)
+        while got <= 3:  # the stream flows (ticks 0.1 s apart)
+            await r.content.readany()
+            got += 1
+        await elapse(gw, max(0.0, t0 + 1.8 - clock.now()))
+        assert metric(gw, "tutorgate_connections_cut_total") == 0
+        await elapse(gw, 0.3)
+        real_t0 = time.monotonic()
         with pytest.raises((aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
                             aiohttp.ClientConnectionError)):
             async for _ in r.content.iter_any():
                 got += 1
-                if time.time() - t0 > 6:
+                if time.monotonic() - real_t0 > 1:  # past the deadline: cut at once
                     pytest.fail("stream not cut")
-    took = time.time() - t0
+    took = clock.now() - t0
     assert got > 3 and 1.9 <= took <= 3.0, took
     assert metric(gw, "tutorgate_connections_cut_total", rule="lesson_limit",
                   kind="stream") == 1
@@ -115,10 +157,10 @@ async def test_open_websocket_keeps_lesson_going(upstream, gateways, http, store
     """While a lesson WebSocket is open, quiet time does not end the lesson:
     an HTTP request after more than min_break continues the same lesson."""
     gw = await gateways(policy_text(max_duration="6s", min_break="1s"), upstream.url,
-                        redis_url=store_url)
+                        redis_url=store_url, manual_clock=True)
     s = sid()
     async with http.ws_connect(gw.ws_url(LIVE), headers=who(s)):
-        await asyncio.sleep(2.5)
+        await elapse(gw, 2.5)
         async with http.get(gw.url(ARTS), headers=who(s)) as r:
             remaining = int(r.headers["X-Lesson-Remaining"])
     assert remaining <= 4, f"a new lesson started: remaining {remaining}"

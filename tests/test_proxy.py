@@ -16,6 +16,7 @@ from kit import (
     FORBIDDEN,
     SUBJECT,
     body_chunks,
+    elapse,
     free_port,
     headers_of,
     metric,
@@ -188,10 +189,11 @@ async def test_decisions_and_denial_bodies(upstream, gateways, http, store_url):
 
 async def test_html_denial_for_browsers(upstream, gateways, http):
     """A browser gets a Chinese page with the wait time; an API client JSON."""
-    gw = await gateways(policy_text(max_duration="1s", min_break="30s"), upstream.url)
+    gw = await gateways(policy_text(max_duration="1s", min_break="30s"), upstream.url,
+                        manual_clock=True)
     s = sid()
     assert (await get(http, gw.url(SUBJECT), student=s))[0] == 200
-    await asyncio.sleep(1.1)
+    await elapse(gw, 1.1)
     st, hdrs, raw = await get(http, gw.url(SUBJECT), student=s,
                               headers={"Accept": "text/html,*/*;q=0.8"})
     assert st == 429 and hdrs["Content-Type"].startswith("text/html")
@@ -204,19 +206,19 @@ async def test_lesson_limit_break_and_recovery(upstream, gateways, http, store_u
     """A lesson ends at max_duration, the break lasts min_break (429 with
     Retry-After), and a new lesson starts after it."""
     gw = await gateways(policy_text(max_duration="2s", min_break="2s"), upstream.url,
-                        redis_url=store_url)
+                        redis_url=store_url, manual_clock=True)
     s = sid()
-    t0 = time.monotonic()
+    t0 = gw.gateway.clock.now()
     st, hdrs, _ = await get(http, gw.url(SUBJECT), student=s)
     assert st == 200 and int(hdrs["X-Lesson-Remaining"]) in (1, 2)
-    await asyncio.sleep(1.0)
+    await elapse(gw, 1.0)
     assert (await get(http, gw.url(ARTS), student=s))[0] == 200
-    await asyncio.sleep(max(0, t0 + 2.2 - time.monotonic()))
+    await elapse(gw, max(0, t0 + 2.2 - gw.gateway.clock.now()))
     st, hdrs, raw = await get(http, gw.url(SUBJECT), student=s)
     assert st == 429 and __import__("json").loads(raw)["rule"] == "break_required"
     ra = int(hdrs["Retry-After"])
     assert 1 <= ra <= 2
-    await asyncio.sleep(ra + 0.2)
+    await elapse(gw, ra + 0.2)
     st, hdrs, _ = await get(http, gw.url(SUBJECT), student=s)
     assert st == 200 and int(hdrs["X-Lesson-Remaining"]) >= 1
 
@@ -225,7 +227,7 @@ async def test_status_endpoint(upstream, gateways, http, store_url):
     """GET /_tutorgate/status tells lesson/break state and seconds remaining
     without counting as activity."""
     gw = await gateways(policy_text(max_duration="1s", min_break="5s"), upstream.url,
-                        redis_url=store_url)
+                        redis_url=store_url, manual_clock=True)
     s = sid()
     async with http.get(gw.url("/_tutorgate/status"), headers={"X-Student-Id": s}) as r:
         assert (await r.json())["state"] == "free"
@@ -233,7 +235,7 @@ async def test_status_endpoint(upstream, gateways, http, store_url):
     async with http.get(gw.url("/_tutorgate/status"), headers={"X-Student-Id": s}) as r:
         body = await r.json()
     assert body["state"] == "lesson" and body["lesson_remaining"] in (0, 1)
-    await asyncio.sleep(1.1)
+    await elapse(gw, 1.1)
     async with http.get(gw.url("/_tutorgate/status"), headers={"X-Student-Id": s}) as r:
         body = await r.json()
     assert body["state"] == "break" and body["rule"] == "break_required"

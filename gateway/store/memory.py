@@ -8,7 +8,7 @@ day are over, so memory stays bounded by the students of the last day.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 
 from ..clock import ClockLimits, ClockState, Step, advance
@@ -21,9 +21,10 @@ _EMPTY = ClockState()
 class MemoryStore:
     kind = "memory"
 
-    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+    def __init__(self, clock: Clock | None = None) -> None:
         # the lesson clock runs on this clock: it is the process's one clock
-        self.clock: Clock = SystemClock(clock) if clock is not None else SystemClock()
+        # (the host's, or a test's ManualClock)
+        self.clock: Clock = clock or SystemClock()
         self._clock = self.clock.now
         self._states: dict[str, ClockState] = {}
         self._leases: dict[str, dict[str, float]] = {}
