@@ -21,6 +21,16 @@ from .policy import Policy, decode_text, parse_policy, read_policy_text, relativ
 log = logging.getLogger("tutorgate")
 
 
+
+def file_stamp(path: str) -> tuple[float, int] | None:
+    """What tells a changed policy file: its mtime and size (None if it
+    cannot be read). os.stat follows the kubelet's ..data symlink swap."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime, st.st_size
+
 class PolicySource:
     def __init__(self, path: str, policy_dir: Path | None, pseudonym: Pseudonymizer,
                  metrics: Metrics, current: Callable[[], Policy],
@@ -31,7 +41,7 @@ class PolicySource:
         self.metrics = metrics
         self.current = current   # the live policy
         self.apply = apply       # make a validated policy the live one
-        self._stamp_seen = self._stamp()
+        self._stamp_seen = file_stamp(self.path)
         # when the live policy was written: the newer of file and fleet push wins
         self._time = self._stamp_seen[0] if self._stamp_seen else 0.0
 
@@ -72,16 +82,9 @@ class PolicySource:
             return False
         return self.reload_text(text, path)
 
-    def _stamp(self) -> tuple[float, int] | None:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return st.st_mtime, st.st_size
-
     async def watch(self) -> None:
         """Reload the file if it changed since last seen (a scheduled job)."""
-        stamp = self._stamp()
+        stamp = file_stamp(self.path)
         if stamp is not None and stamp != self._stamp_seen:
             self._stamp_seen = stamp
             self._time = max(self._time, stamp[0])

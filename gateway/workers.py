@@ -49,6 +49,7 @@ from . import metrics_merge
 from .errors import PolicyError
 from .metrics_merge import Families, Family, Merger
 from .policy import load_policy, parse_policy, relative_reader
+from .reloading import file_stamp
 from .settings import Settings
 
 log = logging.getLogger("tutorgate.workers")
@@ -133,17 +134,10 @@ class PolicyFollower:
     def __init__(self, path: str) -> None:
         self.path = path
         self.text = Path(path).read_text(encoding="utf-8")
-        self.stamp = self._stamp()
-
-    def _stamp(self) -> tuple[float, int] | None:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return st.st_mtime, st.st_size
+        self.stamp = file_stamp(self.path)
 
     def refresh(self) -> None:
-        stamp = self._stamp()
+        stamp = file_stamp(self.path)
         if stamp is None or stamp == self.stamp:
             return
         self.stamp = stamp
