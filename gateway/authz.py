@@ -40,14 +40,23 @@ DENIAL_PATH = "/_tutorgate/denial"
 MODE_HEADER = "X-Tutorgate-Mode"
 _ABSOLUTE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/?]*")
 _PASS = {"X-Tutorgate-Decision": "pass"}
+_TARGET_HEADERS = ("X-Forwarded-Uri", "X-Original-URI")
+# retry_after on /_tutorgate/denial: ASCII digits, at most a year or so
+_RETRY = re.compile(r"[0-9]{1,8}")
 
 
 def original_target(request: web.Request) -> str | None:
     """The request target being decided: `X-Forwarded-Uri` (Traefik), else
     `X-Original-URI` (nginx), else the path after `/_tutorgate/authz`
     (Envoy's `path_prefix`) with this request's own query, else `/`.
-    None when the authz path itself came encoded (nothing safe to cut)."""
+    None when the authz path itself came encoded (nothing safe to cut) or
+    a target header came twice."""
     h = request.headers
+    for name in _TARGET_HEADERS:
+        # Two copies: which one the ingress set is unknowable (a client's
+        # own could come first): nothing safe to decide.
+        if len(h.getall(name, ())) > 1:
+            return None
     uri = h.get("X-Forwarded-Uri") or h.get("X-Original-URI")
     if uri:
         return uri
@@ -81,7 +90,7 @@ class Authz:
         # alike), so X-Forwarded-Method needs no reading.
         uri = original_target(request)
         target = canonical(uri, rt.policy.case_sensitive_paths) if uri is not None \
-            else Refused("an encoded authz path")
+            else Refused("an encoded authz path or a target header sent twice")
         if isinstance(target, Refused):
             enforcer.refuse_path(target)
             return self._denied(None if nginx else denial(rules.BAD_PATH, None, headers,
@@ -130,7 +139,7 @@ class Authz:
         no store and counts nothing: the check counted the decision."""
         rule = request.query.get("rule", "")
         retry = request.query.get("retry_after", "")
-        if rule not in STATUS or not (retry == "" or retry.isdigit()):
+        if rule not in STATUS or not (retry == "" or _RETRY.fullmatch(retry)):
             return web.json_response({"error": "rule must be a rule code and retry_after "
                                       "whole seconds or empty"}, status=400)
         return denial(rule, int(retry) if retry else None, request.headers,

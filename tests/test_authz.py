@@ -205,3 +205,25 @@ def test_authz_command(redis_server, tmp_path):  # type: ignore[no-untyped-def]
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+async def test_target_header_sent_twice_is_refused(pair, http):  # type: ignore[no-untyped-def]
+    """Two X-Forwarded-Uri (or X-Original-URI): which one the ingress set is
+    unknowable (a client's own may come first), so the check is bad_path,
+    never the first copy's decision."""
+    authz, _ = pair
+    for name in ("X-Forwarded-Uri", "X-Original-URI"):
+        for first, second in (("/static/x", FORBIDDEN), (FORBIDDEN, "/static/x")):
+            async with http.get(authz.url(AUTHZ), headers=[(name, first), (name, second)]) as r:
+                body = await r.json()
+                assert (r.status, body["rule"]) == (400, "bad_path"), (name, first)
+                assert r.headers["x-tutorgate-decision"] == "deny"
+
+
+async def test_denial_page_retry_after_of_any_digits_is_a_400(pair, http):  # type: ignore[no-untyped-def]
+    """retry_after that str.isdigit() accepts but int() does not (a superscript
+    digit), or too large for a float, is a 400, not a 500."""
+    authz, _ = pair
+    for retry in ("%C2%B2", "%D9%A3", "9" * 400):
+        r = await fetch(http, authz.url("/_tutorgate/denial?rule=curfew&retry_after=" + retry))
+        assert r.status == 400, retry

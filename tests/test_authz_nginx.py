@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -140,3 +141,36 @@ async def test_lesson_continues_through_serve_and_websockets_go_to_serve(stack, 
         await ws.send_str("hi")
         assert (await ws.receive(timeout=5)).data == "hi"
     assert metric(serve, "tutorgate_decisions_total", decision="allow") == 2
+
+
+def raw_get(base: str, target: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """GET `target` byte for byte (a client library would normalise it)."""
+    import socket
+
+    host, port = addr(base).split(":")
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n"
+                  .encode("latin-1"))
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    head, _, body = out.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+async def test_encoded_slashes_nginx_resolves_away_are_refused(stack, upstream):  # type: ignore[no-untyped-def]
+    """nginx decodes %2F before it picks a location: /classroom/subject/..%2Fx
+    is /classroom/ to nginx (pass-through) but a lesson page to a platform
+    that keeps %2F in a segment. Such paths are asked about and refused."""
+    base, _, _ = stack
+    for target in ("/classroom/subject/..%2Fmath", "/classroom/subject/x/..%2f..%2F",
+                   "/classroom/subject/%2e%2e%2fmath", "/api/photo-search%2F..",
+                   "/classroom/subject/..%5Cmath", "/api\\photo-search"):
+        status, body = await asyncio.to_thread(raw_get, base, target)
+        assert status == 400, (target, status, body[:200])
+        assert json.loads(body)["rule"] == "bad_path", target
+    assert not upstream.seen
+    # the query string is not a path; pass-through stays unasked
+    status, _ = await asyncio.to_thread(raw_get, base, "/static/x?next=%2Fa%5Cb")
+    assert status == 200 and upstream.seen[-1]["path"] == "/static/x?next=%2Fa%5Cb"
