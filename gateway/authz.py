@@ -94,7 +94,6 @@ class Authz:
         # a check holds no connection: an upgrade is decided as a plain request
         verdict = await enforcer.enforce(route, headers, request, False)
         decision, lesson = verdict.decision, verdict.lesson
-        assert decision is not None
         if not decision.allowed:
             rule = decision.rule or rules.STATE_UNAVAILABLE
             return self._denied(None if nginx else denial(rule, decision.retry_after, headers,
