@@ -23,7 +23,6 @@ nginx's `error_page` then fetches the real answer from
 
 from __future__ import annotations
 
-import math
 import re
 
 from aiohttp import web
@@ -102,8 +101,7 @@ class Authz:
         self._answers["allow"].inc()
         out = {"X-Tutorgate-Decision": "allow", logs.REQUEST_ID: logs.request_id()}
         if lesson is not None:
-            out["X-Lesson-Remaining"] = str(max(math.floor(decision.lesson_remaining or 0.0),
-                                                0))
+            out.update(lesson.headers(False))
         return web.Response(headers=out)
 
     def _denied(self, resp: web.Response | None, rule: str, retry_after: float | None,
