@@ -95,6 +95,7 @@ class AuditWriter:
         self._agg: dict[tuple[str, str, str], int] = {}
         self._agg_start = 0.0
         self._redis: RedisClient | None = None
+        self._streams: list[str] = []  # streams(prefix), once the client is known
         self._shard = 0
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -164,6 +165,7 @@ class AuditWriter:
     async def start(self) -> None:
         t = self._target
         self._redis = t if isinstance(t, RedisClient) else RedisClient(t, op_timeout=2.0)
+        self._streams = streams(self._redis.prefix)
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
@@ -202,11 +204,13 @@ class AuditWriter:
             await asyncio.sleep(0)
 
     def _stream(self) -> str:
+        """The stream of the next batch: the one stream, or on a cluster the
+        next shard (named by `streams`, which export and report read)."""
         assert self._redis is not None
         if not self._redis.cluster:
-            return self._redis.prefix + "audit"
+            return self._streams[0]
         self._shard = (self._shard + 1) % SHARDS
-        return f"{self._redis.prefix}audit:{{{self._shard}}}"
+        return self._streams[1 + self._shard]
 
     async def close(self) -> None:
         self._closing = True

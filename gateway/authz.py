@@ -23,7 +23,6 @@ nginx's `error_page` then fetches the real answer from
 
 from __future__ import annotations
 
-import math
 import re
 
 from aiohttp import web
@@ -103,7 +102,6 @@ class Authz:
         # a check holds no connection: an upgrade is decided as a plain request
         verdict = await enforcer.enforce(route, headers, request, False)
         decision, lesson = verdict.decision, verdict.lesson
-        assert decision is not None
         if not decision.allowed:
             rule = decision.rule or rules.STATE_UNAVAILABLE
             return self._denied(None if nginx else denial(rule, decision.retry_after, headers,
@@ -112,8 +110,7 @@ class Authz:
         self._answers["allow"].inc()
         out = {"X-Tutorgate-Decision": "allow", logs.REQUEST_ID: logs.request_id()}
         if lesson is not None:
-            out["X-Lesson-Remaining"] = str(max(math.floor(decision.lesson_remaining or 0.0),
-                                                0))
+            out.update(lesson.headers(False))
         return web.Response(headers=out)
 
     def _denied(self, resp: web.Response | None, rule: str, retry_after: float | None,

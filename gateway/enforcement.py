@@ -1,10 +1,11 @@
 """Enforcement: who is asking, the rules, the lesson clock. No forwarding.
 
-`Enforcer.check(method, target, headers, request, websocket)` is the whole
-decision for one request: identity -> precheck -> one clock step in the
-store -> finish -> observe (metrics, activity, audit, lesson reports). It
-returns a `Verdict`, the decision plus what forwarding needs; the proxy
-(proxy.py) relays on it, and a decision service can answer with it alone.
+`Enforcer.enforce(route, headers, request, websocket)` is the whole
+decision for one request on an enforced route: identity -> precheck -> one
+clock step in the store -> finish -> observe (metrics, activity, audit,
+lesson reports). It returns a `Verdict`, the decision plus what forwarding
+needs; the proxy (proxy.py) relays on it, and a decision service can answer
+with it alone.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .identity import Identify
 from .lessons import AuditHook, LessonBook
 from .live import Kind, LiveConn, LiveRegistry, new_conn_id
 from .metrics import Metrics
-from .paths import Refused, Target
+from .paths import Refused
 from .policy import Policy, Route
 from .server import RateLimitedLog
 from .store.base import StateStore
@@ -102,27 +103,15 @@ class Lesson:
 
 @dataclass(slots=True)
 class Verdict:
-    """One request's answer: `decision` None = a route the policy does not
-    enforce (passed through unchecked)."""
+    """One request's answer on an enforced route; `lesson` when it is an
+    allowed lesson request."""
 
-    decision: rules.Decision | None
-    route: Route | None = None
+    decision: rules.Decision
+    route: Route
     lesson: Lesson | None = None
 
-    @property
-    def kind(self) -> str:
-        return "passthrough" if self.route is None else self.route.kind
 
-
-PASS = Verdict(None)
 _NO_COOKIES: dict[str, str] = {}
-
-
-class _NoCookies:
-    cookies: Mapping[str, str] = _NO_COOKIES
-
-
-NO_COOKIES = _NoCookies()
 
 
 class Enforcer:
@@ -157,19 +146,12 @@ class Enforcer:
         _malformed.emit(logging.WARNING, "bad_path", "bad_path: %s", refused.why)
         return rules.Decision(False, Rule.BAD_PATH)
 
-    async def check(self, method: str, target: Target, headers: Headers,
-                    request: HasCookies = NO_COOKIES, websocket: bool = False) -> Verdict:
-        """The decision on one request (`target` from paths.canonical). An
-        allowed lesson step counts as activity, as a forwarded one would."""
-        route = self.rt.policy.match(target.key)
-        if route is None:
-            return PASS
-        return await self.enforce(route, headers, request, websocket)
-
     async def enforce(self, route: Route, headers: Headers, request: HasCookies,
                       ws: bool) -> Verdict:
-        """`check` on an enforced route the caller has matched already
-        (the request itself, not a closure over it: one allocation less)."""
+        """The decision on one request to an enforced route the caller has
+        matched (`policy.match` of the canonical target; the request itself,
+        not a closure over it: one allocation less). An allowed lesson step
+        counts as activity, as a forwarded one would."""
         rt = self.rt
         policy = rt.policy
         ctx = logs.current.get()

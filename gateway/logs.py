@@ -72,14 +72,6 @@ if hasattr(os, "register_at_fork"):  # a forked worker must not repeat its paren
     os.register_at_fork(after_in_child=_ids.reset)
 
 
-def accept_request_id(sent: str | None) -> str:
-    """The id a request travels with: the one it came with if valid
-    (1-128 of A-Z a-z 0-9 . _ -), else a new one."""
-    if sent is not None and _VALID_ID.fullmatch(sent):
-        return sent
-    return _ids.next()
-
-
 def request_id() -> str:
     """The id of the request being served (a new one outside a request):
     what goes upstream and back to the client."""
@@ -89,8 +81,9 @@ def request_id() -> str:
 
 def begin_request(sent: str | None) -> RequestContext:
     """Start the log context of a request (see `current`)."""
-    # accept_request_id and _Ids.next, inlined: this runs on every request,
-    # and the two calls cost ~1.5k of its instructions (bench/instructions.py)
+    # The id it came with if valid (1-128 of A-Z a-z 0-9 . _ -), else a new
+    # one; _Ids.next inlined: this runs on every request, and the calls cost
+    # ~1.5k of its instructions (bench/instructions.py)
     if sent is None or not _VALID_ID.fullmatch(sent):
         ids = _ids
         sent = f"{ids.prefix}-{next(ids.counter):x}"

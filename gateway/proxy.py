@@ -35,7 +35,7 @@ class Proxy:
             enforcer.refuse_path(target)
             return denial(Rule.BAD_PATH, None, headers, policy.locale)
         ws = is_websocket(headers)
-        # enforcer.check's route match, here: a pass-through costs no more
+        # matched here, before enforcement: a pass-through costs no more
         route = policy.match(target.key)
         if route is None:
             if ws:
@@ -43,7 +43,7 @@ class Proxy:
             return await self.forwarder.forward(request, target, "passthrough")
         verdict = await enforcer.enforce(route, headers, request, ws)
         decision = verdict.decision
-        if decision is not None and not decision.allowed:
+        if not decision.allowed:
             return denial(decision.rule or Rule.STATE_UNAVAILABLE, decision.retry_after,
                           headers, policy.locale)
         if ws:

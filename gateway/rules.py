@@ -188,11 +188,6 @@ def local_day(profile: Profile, now: float) -> tuple[dt.date, float]:
     return _day_at(profile, dt.datetime.fromtimestamp(now, profile.tz))
 
 
-def clock_limits(policy: Policy, profile: Profile) -> Limits:
-    """The lesson-clock limits of a profile (compiled with the policy)."""
-    return profile.limits
-
-
 # ---------------------------------------------------------------- the engine
 
 class _Trace:

@@ -105,11 +105,21 @@ class RedisClient:
             setup.insert(0, pack("SELECT", str(self.target.db)))
         return setup
 
-    async def _open_single(self) -> Conn:
+    async def _open_single(self, setup: list[bytes] | None = None) -> Conn:
+        """A connection to the one server or the Sentinel-named master, set
+        up with `setup` (None: the scripts and SELECT every call needs)."""
         t = self.target
+        if setup is None:
+            setup = self._setup()
         if t.mode == "sentinel":
-            return await open_master(t, self.timeout, self._setup())
-        return await open_conn(t, None if t.path else t.nodes[0], self.timeout, self._setup())
+            return await open_master(t, self.timeout, setup)
+        return await open_conn(t, None if t.path else t.nodes[0], self.timeout, setup)
+
+    def _seeds(self) -> list[Addr]:
+        """Cluster nodes to ask, the connected ones first, then every node
+        known, then the URL's."""
+        live = [a for a, n in self._nodes.items() if n.up]
+        return list(dict.fromkeys([*live, *self._nodes, *self.target.nodes]))
 
     def _connected(self, node: Node) -> None:
         for hook in self._resets:
@@ -133,9 +143,7 @@ class RedisClient:
             wait = self._refreshed_at + REFRESH_EVERY - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
-            live = [a for a, n in self._nodes.items() if n.up]
-            seeds = list(dict.fromkeys([*live, *self._nodes, *self.target.nodes]))
-            table = await cluster_slots(self.target, seeds, self.timeout)
+            table = await cluster_slots(self.target, self._seeds(), self.timeout)
             self._apply(table)
         except StoreUnavailable as exc:
             log.warning("redis cluster: %s", exc)
@@ -241,16 +249,12 @@ class RedisClient:
     async def open_pubsub(self) -> Conn:
         """A connection of its own for SUBSCRIBE. On a cluster any node will
         do: PUBLISH reaches every node of a cluster."""
-        t = self.target
-        if t.mode == "sentinel":
-            return await open_master(t, self.timeout, [])
         if not self.cluster:
-            return await open_conn(t, None if t.path else t.nodes[0], self.timeout)
-        live = [a for a, n in self._nodes.items() if n.up]
+            return await self._open_single([])
         why = "no node"
-        for addr in dict.fromkeys([*live, *self._nodes, *t.nodes]):
+        for addr in self._seeds():
             try:
-                return await open_conn(t, addr, self.timeout)
+                return await open_conn(self.target, addr, self.timeout)
             except StoreUnavailable as exc:
                 why = str(exc)
         raise StoreUnavailable(why)

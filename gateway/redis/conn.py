@@ -69,10 +69,6 @@ class Conn(asyncio.Protocol):
         self.send(b"".join(commands), futs)
         return list(await asyncio.gather(*futs))
 
-    @property
-    def alive(self) -> bool:
-        return self.error is None
-
     def fail(self, why: str) -> None:
         """Dead for good: drop the socket, fail every caller still waiting."""
         if self.error is None:

@@ -8,6 +8,7 @@ refresh (REFRESH_EVERY at worst).
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from ..errors import StoreUnavailable
@@ -87,7 +88,5 @@ async def cluster_slots(target: RedisTarget, seeds: list[Addr],
 
 
 async def _ask(conn: Conn, within: float, *commands: bytes) -> list[Any]:
-    import asyncio
-
     async with asyncio.timeout(within):
         return await conn.ask(*commands)

@@ -125,8 +125,9 @@ class RedisStore:
         return step
 
     async def release(self, key: str, conn_id: str, *, now: float | None = None) -> None:
-        packed = bulks((*self._keys(key), _now_arg(now), conn_id))
-        await self.client.eval("release", RELEASE, self._keys(key)[0], ((4, packed),))
+        keys = self._keys(key)
+        packed = bulks((*keys, _now_arg(now), conn_id))
+        await self.client.eval("release", RELEASE, keys[0], ((4, packed),))
 
     async def renew(self, leases: Sequence[tuple[str, str]], *, now: float | None = None) -> None:
         # One script per student (its keys share a slot), RENEW_CHUNK students
