@@ -36,10 +36,7 @@ from .identity import Identify, Pseudonymizer, make_identify
 from .lessons import LessonBook
 from .live import LiveConn, LiveRegistry
 from .metrics import Metrics
-from .policy import (
-    Policy,
-    load_policy,
-)
+from .policy import Policy, load_policy
 from .proxy import Proxy
 from .redis import RedisClient
 from .reloading import PolicySource
@@ -233,8 +230,6 @@ class Gateway:
                 return 1.0
         return 0.0
 
-    # ------------------------------------------------------------ apps
-
     # ------------------------------------------------------------ lifetimes
 
     def lifetimes(self) -> list[Lifetime]:
@@ -282,10 +277,14 @@ class Gateway:
 
     async def _follower_lifetime(self, app: web.Application) -> AsyncIterator[None]:
         follower = None
-        if self.settings.redis_url:
-            follower = asyncio.create_task(follow(
-                self.redis or RedisClient(self.settings.redis_url), self.source.apply_pushed,
-                self._stop_follow))
+        # a store given from outside (tests) leaves no shared client: one of
+        # the follower's own, closed with it
+        own = None if self.redis is not None or not self.settings.redis_url else \
+            RedisClient(self.settings.redis_url)
+        client = self.redis or own
+        if client is not None:
+            follower = asyncio.create_task(follow(client, self.source.apply_pushed,
+                                                  self._stop_follow))
         try:
             yield
         finally:
@@ -293,6 +292,8 @@ class Gateway:
             if follower is not None:
                 follower.cancel()
                 await asyncio.gather(follower, return_exceptions=True)
+            if own is not None:
+                await own.close()
 
     async def _scheduler_lifetime(self, app: web.Application) -> AsyncIterator[None]:
         self.scheduler.every("lease-renewal", 10, self.live.renew_leases)
