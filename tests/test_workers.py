@@ -88,11 +88,14 @@ def policy_file(tmp_path: Path) -> Path:
 # ---------------------------------------------------------------- refusals
 
 
+@pytest.mark.parametrize("command", ["serve", "authz"])
 @pytest.mark.parametrize("how", ["option", "env"])
-def test_workers_without_redis_exit_2(policy_file: Path, how: str) -> None:
-    """More than one worker in memory mode is refused with exit status 2."""
-    argv = [str(Path(sys.executable).parent / "tutorgate"), "serve", "--policy",
-            str(policy_file), "--upstream", "http://127.0.0.1:9", "--listen",
+def test_workers_without_redis_exit_2(policy_file: Path, how: str, command: str) -> None:
+    """More than one worker in memory mode is refused with exit status 2
+    (serve and authz alike)."""
+    upstream = ["--upstream", "http://127.0.0.1:9"] if command == "serve" else []
+    argv = [str(Path(sys.executable).parent / "tutorgate"), command, "--policy",
+            str(policy_file), *upstream, "--listen",
             f"127.0.0.1:{free_port()}", "--admin-listen", f"127.0.0.1:{free_port()}"]
     env = dict(os.environ)
     env.pop("TUTORGATE_REDIS_URL", None)
